@@ -1,0 +1,160 @@
+"""The V-MoE MLP layer: group -> route -> dispatch -> experts -> combine."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from vmoe import rng
+from vmoe.config import MoEConfig
+from vmoe.layers import Activation
+from vmoe.moe.dispatch import make_dispatcher
+from vmoe.moe.experts import Experts
+from vmoe.moe.router import RouterOutput, TopKRouter
+
+__all__ = ["ExpertComm", "MoEMlp", "routing_chunks"]
+
+
+class ExpertComm(Protocol):
+    """Moves capacity buffers to the ranks that hold the experts, and back (expert parallelism).
+
+    ``dispatch`` takes the (E, R, D) buffers of this rank and returns the (E_local, R', D)
+    buffers of the experts held here (with matching global row ids when given); ``combine``
+    is its inverse. Installed on a layer by :mod:`vmoe.parallel`; model code never imports it.
+    """
+
+    def dispatch(
+        self, buffers: torch.Tensor, rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def combine(self, outputs: torch.Tensor) -> torch.Tensor: ...
+
+
+def routing_chunks(batch: int, group_size: int) -> list[tuple[int, int, int]]:
+    """Split ``batch`` images into routing groups of ``group_size`` images.
+
+    Returns ``(first_image, num_groups, images_per_group)`` chunks: the full groups, then one
+    smaller group of the remaining images, if any.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1 image, got {group_size}")
+    g = min(group_size, batch)
+    full = batch // g
+    chunks = [(0, full, g)]
+    if batch - full * g:
+        chunks.append((full * g, 1, batch - full * g))
+    return chunks
+
+
+class MoEMlp(nn.Module):
+    """A Mixture-of-Experts MLP that replaces a ViT block's MLP (paper Sec. 2).
+
+    Steps of :meth:`forward` for x (B, T, D):
+      1. Routing groups: consecutive ``group_size`` images (their B*T tokens) form a group of
+         S = group_size * T tokens; a last partial group is routed on its own.
+      2. Route each group (:class:`TopKRouter`): fp32 logits, training noise, softmax, top-k,
+         capacity buffers (vanilla or BPR), auxiliary losses per group.
+      3. Dispatch tokens into (E, R, D) capacity buffers (backend ``cfg.dispatch``).
+      4. Experts: two batched matmuls over the buffers (optionally via an expert-parallel
+         all-to-all, ``self.expert_comm``).
+      5. Combine: ``y[token] = sum over kept assignments of gate * expert_e(x[token])``; a token
+         with every assignment dropped gets 0 (the residual carries it).
+
+    Returns ``(y (B, T, D), aux)`` with ``aux["aux_loss"]`` the weighted auxiliary loss, mean over
+    groups, and detached metrics (see :meth:`forward`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        cfg: MoEConfig,
+        *,
+        act: Activation = "gelu_tanh",
+        dropout: float = 0.0,
+        stream: int = 0,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = TopKRouter(dim, cfg.router, stream=stream)
+        self.experts = Experts(
+            cfg.router.num_experts, dim, hidden_dim, act=act, dropout=dropout, init=cfg.expert_init,
+            stream=stream + 1,
+        )
+        self.expert_comm: ExpertComm | None = None
+        self.record_routing = False
+        self.last_routing: dict[str, torch.Tensor] | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.cfg.router.num_experts
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(B, T, D) -> ((B, T, D), aux).
+
+        ``aux`` holds ``aux_loss`` (scalar, differentiable) and detached metrics:
+        ``importance_loss``, ``load_loss`` (means over groups), ``dropped_fraction`` (share of the
+        B*T*k assignments dropped), ``expert_load`` (E,) (share of kept assignments per expert),
+        ``assignments_per_image`` (B,) (kept (token, expert) pairs, i.e. expert MLP rows run per
+        image) and ``tokens_per_image`` (B,) (tokens with at least one kept assignment),
+        ``capacity`` (of the full groups).
+        """
+        if x.dim() != 3:
+            raise ValueError(f"MoE layer input must be (B, T, D), got {tuple(x.shape)}")
+        B, T, D = x.shape
+        x_flat = x.reshape(B * T, D)
+        outs: list[RouterOutput] = []
+        for first, groups, images in routing_chunks(B, self.cfg.group_size):
+            xc = x_flat[first * T : (first + groups * images) * T].view(groups, images * T, D)
+            outs.append(self.router(xc, first_image=first, tokens_per_image=T))
+        routings = [o.routing for o in outs]
+        dispatcher = make_dispatcher(self.cfg.dispatch, routings)
+        buffers = dispatcher.dispatch(x_flat)  # (E, R, D)
+        rows = None
+        ctx = rng.current()
+        if self.training and self.experts.p > 0 and ctx is not None:
+            # Global id of each (token, expert) assignment: layout-independent dropout masks.
+            tok = dispatcher.buffer_tokens()  # (E, R), -1 for empty slots
+            expert = torch.arange(self.num_experts, device=x.device).view(-1, 1)
+            gtok = tok + ctx.image_offset * T
+            rows = torch.where(tok >= 0, gtok * self.num_experts + expert, torch.full_like(tok, -1))
+        if self.expert_comm is not None:
+            local, local_rows = self.expert_comm.dispatch(buffers, rows)
+            y = self.expert_comm.combine(self.experts(local, local_rows))
+        else:
+            y = self.experts(buffers, rows)
+        out = dispatcher.combine(y).view(B, T, D)
+        return out, self._aux(outs, B, T)
+
+    def _aux(self, outs: list[RouterOutput], B: int, T: int) -> dict[str, Any]:
+        E = self.num_experts
+        aux_loss = torch.cat([o.aux_loss for o in outs]).mean()
+        kept = torch.cat([o.routing.kept.reshape(-1, o.routing.num_selected) for o in outs])  # (N, K)
+        expert = torch.cat([o.routing.expert_index.reshape(-1, o.routing.num_selected) for o in outs])
+        with torch.no_grad():
+            keptf = kept.float()
+            load = torch.zeros(E, device=kept.device).scatter_add_(0, expert.reshape(-1), keptf.reshape(-1))
+            metrics: dict[str, Any] = {
+                "aux_loss": aux_loss,
+                "importance_loss": torch.cat([o.metrics["importance_loss"] for o in outs]).mean(),
+                "load_loss": torch.cat([o.metrics["load_loss"] for o in outs]).mean(),
+                "dropped_fraction": 1.0 - keptf.mean(),
+                "expert_load": load / load.sum().clamp(min=1.0),
+                "assignments_per_image": keptf.sum(-1).view(B, T).sum(-1),
+                "tokens_per_image": kept.any(-1).float().view(B, T).sum(-1),
+                "capacity": outs[0].routing.capacity,
+            }
+            if self.record_routing:
+                gates = torch.cat([o.gates.reshape(-1, E) for o in outs]).view(B, T, E)
+                self.last_routing = {
+                    "expert_index": expert.view(B, T, -1),
+                    "kept": kept.view(B, T, -1),
+                    "gates": gates.detach(),
+                }
+        metrics["aux_loss"] = aux_loss
+        return metrics
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.cfg.group_size}, dispatch={self.cfg.dispatch}"
