@@ -100,9 +100,7 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (x - _stats(mean, x)) / _stats(std, x)
 
 
-def eval_transform(
-    images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
+def eval_transform(images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Deterministic evaluation transform: uint8 (B, C, H, W) -> float32 (B, C, H, W),
     ``(x / 255 - mean) / std``."""
     return normalize(images_u8.to(torch.float32) / 255.0, mean, std)
@@ -135,7 +133,7 @@ def _pad_crop_flip(
     mode: str,
 ) -> torch.Tensor:
     """One gather implementing pad + crop + flip on any dtype; x (B, C, H, W)."""
-    B, C, H, W = x.shape
+    B, _C, H, W = x.shape
     dev = x.device
     rows = torch.arange(H, device=dev).expand(B, H)
     cols = torch.arange(W, device=dev).expand(B, W)
@@ -242,7 +240,7 @@ def randaugment(
         out = torch.where(sel("contrast"), ((x - mu) * f + mu).clamp(0, 1), out)
         thr = 1.0 - m
         out = torch.where(sel("solarize"), torch.where(x >= thr, 1.0 - x, x), out)
-        q = float(2 ** int(round(4 * m)))  # drop up to 4 of the 8 bits
+        q = float(2 ** round(4 * m))  # drop up to 4 of the 8 bits
         post = torch.floor(torch.round(x * 255.0) / q) * q / 255.0
         out = torch.where(sel("posterize"), post, out)
         # geometric ops: one affine grid for the whole batch (identity for the others)
@@ -360,9 +358,7 @@ class BatchAugment:
         """Padding used for images of this height."""
         return self.config.pad if self.config.pad is not None else max(1, height // 8)
 
-    def __call__(
-        self, images_u8: torch.Tensor, indices: torch.Tensor, epoch: int, seed: int
-    ) -> torch.Tensor:
+    def __call__(self, images_u8: torch.Tensor, indices: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
         """Augment a batch. images_u8: uint8 (B, C, H, W); indices: int64 (B,) global dataset indices."""
         cfg = self.config
         if images_u8.ndim != 4:

@@ -5,6 +5,7 @@ All loaders decode once into a uint8 array ``(N, H, W, C)`` kept in memory; see 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -13,6 +14,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -167,7 +169,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
-        k = int(round(len(idx) * test_fraction))
+        k = round(len(idx) * test_fraction)
         test.append(idx[:k])
         train.append(idx[k:])
     return (
@@ -363,7 +365,9 @@ def _load_jpeg_npz(path: Path, expected_sha: str | None = None) -> tuple[ImageDa
                     images = np.load(cache, allow_pickle=False)
                 except (OSError, ValueError, EOFError):
                     images = None
-                if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(y)):
+                if images is not None and (
+                    images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(y)
+                ):
                     images = None
             if images is None:
                 data = _npz_get(z, f"{split}_jpeg_data", p)
@@ -373,10 +377,8 @@ def _load_jpeg_npz(path: Path, expected_sha: str | None = None) -> tuple[ImageDa
                         f"{p}: {len(offsets) - 1} {split} images but {len(y)} labels in 'y_{split}'"
                     )
                 images = _decode_jpeg_split(data, offsets, p, split)
-                try:
+                with contextlib.suppress(OSError):  # the cache is best-effort
                     _atomic_save_npy(cache, images)
-                except OSError:
-                    pass  # cache is best-effort
             splits.append(ImageDataset(images, y, classes))
     name = "cifar10" if path.name == CIFAR10_JPEG_NPZ else path.stem
     meta = {
@@ -421,7 +423,7 @@ def _load_keras_npz(path: Path) -> tuple[ImageDataset, ImageDataset, dict]:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler that only allows numpy array reconstruction (CIFAR batches need nothing else)."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
@@ -458,7 +460,7 @@ def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
     if data.ndim != 2 or data.shape[1] % 3 != 0:
         raise ValueError(f"{path}: 'data' must be (N, 3*H*W), got {data.shape}")
-    side = int(round((data.shape[1] // 3) ** 0.5))
+    side = round((data.shape[1] // 3) ** 0.5)
     if 3 * side * side != data.shape[1]:
         raise ValueError(f"{path}: 'data' rows of {data.shape[1]} values are not 3 x square images")
     if len(data) != len(labels):
@@ -500,7 +502,9 @@ def _load_cifar_python(root: Path) -> tuple[ImageDataset, ImageDataset, dict]:
         name = "cifar100"
     n_cls = int(max(y_tr.max(initial=-1), y_te.max(initial=-1))) + 1
     if len(classes) < n_cls:
-        raise ValueError(f"{root}: labels go up to {n_cls - 1} but the meta file names {len(classes)} classes")
+        raise ValueError(
+            f"{root}: labels go up to {n_cls - 1} but the meta file names {len(classes)} classes"
+        )
     meta = {"name": name, "source": str(root), "license": _CIFAR_LICENSE.split(";")[0], "default_hflip": True}
     return ImageDataset(x_tr, y_tr, classes), ImageDataset(x_te, y_te, classes), meta
 
@@ -663,8 +667,10 @@ def load_dataset(
             if path.suffix.lower() != ".npz":
                 raise ValueError(f"{path}: unsupported file type (expected a .npz file or a directory)")
             train, test, meta = _load_keras_npz(path)
-        elif (path / "data_batch_1").exists() or (path / "batches.meta").exists() or (
-            (path / "train").is_file() and (path / "test").is_file()
+        elif (
+            (path / "data_batch_1").exists()
+            or (path / "batches.meta").exists()
+            or ((path / "train").is_file() and (path / "test").is_file())
         ):
             train, test, meta = _load_cifar_python(path)
         elif (path / CIFAR10_JPEG_NPZ).is_file():
