@@ -1,0 +1,265 @@
+"""End-to-end tests of training, checkpoints, resume, evaluation, sweep, analysis and the CLI (tiny settings)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vmoe
+from vmoe.cli import main
+from vmoe.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from vmoe.train.config import TrainConfig, apply_overrides
+from vmoe.train.loop import Trainer, TrainingInterrupted, lr_at, train
+from vmoe.train.recipes import get_recipe
+
+TINY = ["steps=6", "log_every=1"]
+
+
+def tiny_cfg(*extra: str) -> TrainConfig:
+    return apply_overrides(get_recipe("tiny"), [*TINY, *extra])
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
+
+
+def test_lr_schedule_warmup_and_decay():
+    # warmup 10 of 100 steps to peak 1.0, then cosine to 0: step 0 -> 0.1, step 9 -> 1.0, last -> ~0
+    assert lr_at(0, 100, 10, 1.0, 0.0, "cosine") == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0, 0.0, "cosine") == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0, 0.0, "cosine") == pytest.approx(1.0)
+    # half way through the decay (step 55 of 90 decay steps from 10): cos(pi/2) -> 0.5
+    assert lr_at(55, 100, 10, 1.0, 0.0, "cosine") == pytest.approx(0.5)
+    assert lr_at(55, 100, 10, 1.0, 0.0, "linear") == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0, 0.1, "linear") == pytest.approx(0.1)
+
+
+def test_warmup_scales_with_run_length():
+    cfg = get_recipe("default")
+    assert cfg.warmup(1000) <= 100
+    assert cfg.warmup(20) <= 2
+    assert apply_overrides(cfg, ["warmup_fraction=0.5"]).warmup(100) == 10  # capped at 10%
+
+
+def test_train_writes_run_directory(tmp_path):
+    res = train(tiny_cfg(), tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["steps"] == 6 and cfg["model"]["num_classes"] == 10
+    recs = read_metrics(run)
+    steps = [r["step"] for r in recs if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    for r in recs:
+        if "loss" in r:
+            assert math.isfinite(r["loss"]) and r["aux_loss"] > 0 and r["lr"] > 0 and r["images_per_s"] > 0
+    evals = [r for r in recs if "accuracy" in r]
+    assert evals and 0.0 <= evals[-1]["accuracy"] <= 1.0
+    ck = latest_checkpoint(run)
+    assert ck is not None and ck.name == "step_00000006"
+    for f in ("model.safetensors", "model_config.json", "train_config.json", "data_info.json", "train_state.pt"):
+        assert (ck / f).exists(), f
+    assert res.step == 6
+    # vmoe.load rebuilds the same model
+    model = vmoe.load(run)
+    trainer_state = load_checkpoint(run)["state_dict"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, trainer_state[k]), k
+    assert not model.training
+
+
+def test_refuses_to_overwrite_and_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
+    train(tiny_cfg("steps=2"), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="--resume"):
+        Trainer(tiny_cfg("steps=2"), tmp_path / "run", progress=False)
+    Trainer(tiny_cfg("steps=2"), tmp_path / "fresh", resume=True, progress=False)
+    assert "starting fresh" in capsys.readouterr().err
+
+
+def _interrupt_at(trainer: Trainer, step: int) -> None:
+    orig = trainer.train_step
+
+    def wrapped(*a, **kw):
+        out = orig(*a, **kw)
+        if a[3] + 1 == step:  # the step just completed
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    trainer.train_step = wrapped  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("stop", [1, 4])
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path, stop):
+    cfg = tiny_cfg("steps=7", "model.dropout=0.1", "mixup=0.2", "checkpoint_every=3")
+    train(cfg, tmp_path / "a", progress=False)
+    t = Trainer(cfg, tmp_path / "b", progress=False)
+    _interrupt_at(t, stop)
+    with pytest.raises(TrainingInterrupted) as ei:
+        t.fit()
+    assert ei.value.step == stop
+    assert latest_checkpoint(tmp_path / "b").name == f"step_{stop:08d}"
+    train(cfg, tmp_path / "b", resume=True, progress=False)
+    a, b = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 8))  # appended, no duplicates
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-7), s
+    sa = load_checkpoint(tmp_path / "a")["state_dict"]
+    sb = load_checkpoint(tmp_path / "b")["state_dict"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_subprocess_resume(tmp_path):
+    """The real signal path: a separate process gets SIGTERM mid-run, checkpoints, exits, resumes."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "vmoe", "train", "--recipe", "tiny", "--steps", "40", "--log-every", "1",
+            "--no-progress", "--out"]
+    ref = subprocess.run([*args, str(tmp_path / "ref")], capture_output=True, text=True, env=env, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*args, str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = run / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "resume with --resume" in err
+    stopped = int(latest_checkpoint(run).name.split("_")[1])
+    assert 1 <= stopped <= 40
+    res = subprocess.run([*args, str(run), "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    a, b = step_losses(tmp_path / "ref"), step_losses(run)
+    assert sorted(b) == sorted(a)
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-7), s
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    a = train(tiny_cfg("steps=3", "model.group_size=4"), tmp_path / "a", progress=False)
+    b = train(tiny_cfg("steps=3", "model.group_size=4", "grad_accum=2"), tmp_path / "b", progress=False)
+    la, lb = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
+    for s in la:
+        assert lb[s] == pytest.approx(la[s], rel=1e-4), s
+    assert a.step == b.step == 3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(tiny_cfg("steps=10", "max_test=50", "eval_batch_size=32"), out, progress=False)
+    return out
+
+
+def test_eval_json_partial_batch(trained, tmp_path, capsys):
+    js = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(trained), "--json", str(js), "--batch-size", "32"]) == 0
+    res = json.loads(js.read_text())
+    assert res["num_images"] == 50  # 32 + a partial batch of 18
+    assert 0 <= res["accuracy"] <= 1 and res["loss"] > 0 and res["gflops_per_image"] > 0
+    # the same result with another batch size (all images counted once)
+    js2 = tmp_path / "eval2.json"
+    main(["eval", "--checkpoint", str(trained / "checkpoints" / "step_00000010"), "--json", str(js2),
+          "--batch-size", "16"])
+    assert json.loads(js2.read_text())["num_images"] == 50
+
+
+def test_eval_sweep_json_and_plot(trained, tmp_path):
+    js = tmp_path / "sweep.json"
+    rc = main(["eval", "--checkpoint", str(trained), "--sweep", "--capacities", "0.25", "1.0", "--json", str(js),
+               "--no-progress"])
+    assert rc == 0
+    rows = json.loads(js.read_text())["results"]
+    assert len(rows) == 2 * 2 * 2
+    for r in rows:
+        assert {"capacity_factor", "num_selected", "batch_priority", "accuracy", "gflops_per_image"} <= set(r)
+    # less capacity -> fewer processed assignments -> less compute
+    for k in (1, 2):
+        for b in (False, True):
+            lo = next(r for r in rows if r["num_selected"] == k and r["batch_priority"] == b
+                      and r["capacity_factor"] == 0.25)
+            hi = next(r for r in rows if r["num_selected"] == k and r["batch_priority"] == b
+                      and r["capacity_factor"] == 1.0)
+            assert lo["gflops_per_image"] < hi["gflops_per_image"]
+            assert lo["dropped_fraction"] > hi["dropped_fraction"]
+    png = js.with_suffix(".png")
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_analyze_files(trained, tmp_path):
+    out = tmp_path / "an"
+    assert main(["analyze", "--checkpoint", str(trained), "--out", str(out), "--num-samples", "3"]) == 0
+    for f in ("routing_examples.png", "expert_load.png", "analysis.md", "analysis.json"):
+        assert (out / f).exists(), f
+    summary = json.loads((out / "analysis.json").read_text())
+    assert summary["layers"]
+    for layer in summary["layers"].values():
+        assert abs(sum(layer["expert_load"]) - 1.0) < 1e-3
+    assert list(out.glob("expert_class_layer*.png"))
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--model", "vmoe_nope", "--out", "{tmp}/x", "--steps", "1"], "unknown model"),
+        (["train", "--recipe", "nope", "--out", "{tmp}/x"], "unknown recipe"),
+        (["train", "--out", "{tmp}/x", "--set", "bogus_key=1"], "unknown config key"),
+        (["train", "--out", "{tmp}/x", "--set", "batch_size=many"], "expects an integer"),
+        (["train", "--out", "{tmp}/x", "--set", "compile=maybe"], "boolean"),
+        (["train", "--out", "{tmp}/x", "--data", "{tmp}/missing.npz"], "no such file"),
+        (["train", "--out", "{tmp}/x", "--steps", "abc"], "invalid int value"),
+        (["eval", "--checkpoint", "{tmp}/nothing"], "no such checkpoint"),
+        (["analyze", "--checkpoint", "{tmp}"], "no complete checkpoint"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_cli_errors_one_line_exit_2(argv, needle, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as ei:
+        raise SystemExit(main(argv))
+    assert ei.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(latest_checkpoint(trained), bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        vmoe.load(bad)
+    (bad / "model.safetensors").unlink()
+    with pytest.raises((CheckpointError, FileNotFoundError)):
+        vmoe.load(bad)
+
+
+def test_npz_data_trains(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, size=(80, 12, 12), dtype=np.uint8)
+    y = np.arange(80) % 4
+    np.savez(tmp_path / "d.npz", x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
+    cfg = tiny_cfg(f"data={tmp_path / 'd.npz'}", "steps=2", "image_size=null", "model.patch_size=4")
+    res = train(cfg, tmp_path / "run", progress=False)
+    model = vmoe.load(tmp_path / "run")
+    assert model.cfg.in_chans == 1 and model.cfg.num_classes == 4
+    assert res.step == 2
