@@ -70,7 +70,13 @@ def test_train_writes_run_directory(tmp_path):
     assert evals and 0.0 <= evals[-1]["accuracy"] <= 1.0
     ck = latest_checkpoint(run)
     assert ck is not None and ck.name == "step_00000006"
-    for f in ("model.safetensors", "model_config.json", "train_config.json", "data_info.json", "train_state.pt"):
+    for f in (
+        "model.safetensors",
+        "model_config.json",
+        "train_config.json",
+        "data_info.json",
+        "train_state.pt",
+    ):
         assert (ck / f).exists(), f
     assert res.step == 6
     # vmoe.load rebuilds the same model
@@ -125,12 +131,26 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, stop):
 def test_sigterm_subprocess_resume(tmp_path):
     """The real signal path: a separate process gets SIGTERM mid-run, checkpoints, exits, resumes."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "vmoe", "train", "--recipe", "tiny", "--steps", "40", "--log-every", "1",
-            "--no-progress", "--out"]
+    args = [
+        sys.executable,
+        "-m",
+        "vmoe",
+        "train",
+        "--recipe",
+        "tiny",
+        "--steps",
+        "40",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--out",
+    ]
     ref = subprocess.run([*args, str(tmp_path / "ref")], capture_output=True, text=True, env=env, timeout=300)
     assert ref.returncode == 0, ref.stderr
     run = tmp_path / "run"
-    proc = subprocess.Popen([*args, str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [*args, str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         m = run / "metrics.jsonl"
@@ -175,15 +195,36 @@ def test_eval_json_partial_batch(trained, tmp_path, capsys):
     assert 0 <= res["accuracy"] <= 1 and res["loss"] > 0 and res["gflops_per_image"] > 0
     # the same result with another batch size (all images counted once)
     js2 = tmp_path / "eval2.json"
-    main(["eval", "--checkpoint", str(trained / "checkpoints" / "step_00000010"), "--json", str(js2),
-          "--batch-size", "16"])
+    main(
+        [
+            "eval",
+            "--checkpoint",
+            str(trained / "checkpoints" / "step_00000010"),
+            "--json",
+            str(js2),
+            "--batch-size",
+            "16",
+        ]
+    )
     assert json.loads(js2.read_text())["num_images"] == 50
 
 
 def test_eval_sweep_json_and_plot(trained, tmp_path):
     js = tmp_path / "sweep.json"
-    rc = main(["eval", "--checkpoint", str(trained), "--sweep", "--capacities", "0.25", "1.0", "--json", str(js),
-               "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(trained),
+            "--sweep",
+            "--capacities",
+            "0.25",
+            "1.0",
+            "--json",
+            str(js),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     rows = json.loads(js.read_text())["results"]
     assert len(rows) == 2 * 2 * 2
@@ -192,10 +233,16 @@ def test_eval_sweep_json_and_plot(trained, tmp_path):
     # less capacity -> fewer processed assignments -> less compute
     for k in (1, 2):
         for b in (False, True):
-            lo = next(r for r in rows if r["num_selected"] == k and r["batch_priority"] == b
-                      and r["capacity_factor"] == 0.25)
-            hi = next(r for r in rows if r["num_selected"] == k and r["batch_priority"] == b
-                      and r["capacity_factor"] == 1.0)
+            lo = next(
+                r
+                for r in rows
+                if r["num_selected"] == k and r["batch_priority"] == b and r["capacity_factor"] == 0.25
+            )
+            hi = next(
+                r
+                for r in rows
+                if r["num_selected"] == k and r["batch_priority"] == b and r["capacity_factor"] == 1.0
+            )
             assert lo["gflops_per_image"] < hi["gflops_per_image"]
             assert lo["dropped_fraction"] > hi["dropped_fraction"]
     png = js.with_suffix(".png")
@@ -246,7 +293,7 @@ def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(latest_checkpoint(trained), bad)
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         vmoe.load(bad)
     (bad / "model.safetensors").unlink()
     with pytest.raises((CheckpointError, FileNotFoundError)):

@@ -26,7 +26,9 @@ def collect_routing(
     layers = model.moe_layers()
     for _, layer in layers:
         layer.record_routing = True
-    out: dict[int, dict[str, list[torch.Tensor]]] = {i: {"expert_index": [], "kept": [], "gates": []} for i, _ in layers}
+    out: dict[int, dict[str, list[torch.Tensor]]] = {
+        i: {"expert_index": [], "kept": [], "gates": []} for i, _ in layers
+    }
     model.eval()
     try:
         for start in range(0, images.shape[0], batch_size):
@@ -114,20 +116,34 @@ def analyze(
         img = raw[r].permute(1, 2, 0).numpy()
         img = img[..., 0] if img.shape[-1] == 1 else img
         axes[r][0].imshow(img, cmap="gray" if img.ndim == 2 else None)
-        axes[r][0].set_title(classes[int(labels[r])] if r == 0 or True else "", fontsize=7)
+        axes[r][0].set_title(classes[int(labels[r])], fontsize=7)
         for j, i in enumerate(layer_ids):
             top1 = base[i]["expert_index"][r, prefix:, 0].reshape(gh, gw).numpy()
             ax = axes[r][1 + 2 * j]
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=(0, gw, gh, 0))
-            ax.imshow(top1, cmap=cmap, vmin=0, vmax=cmap.N - 1, alpha=0.55, extent=(0, gw, gh, 0),
-                      interpolation="nearest")
+            ax.imshow(
+                top1,
+                cmap=cmap,
+                vmin=0,
+                vmax=cmap.N - 1,
+                alpha=0.55,
+                extent=(0, gw, gh, 0),
+                interpolation="nearest",
+            )
             if r == 0:
                 ax.set_title(f"block {i}: expert", fontsize=7)
             kept = bpr[i]["kept"][r, prefix:].any(-1).reshape(gh, gw).numpy()
             ax = axes[r][2 + 2 * j]
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=(0, gw, gh, 0))
-            ax.imshow(np.where(kept, np.nan, 0.0), cmap="gray", vmin=0, vmax=1, alpha=0.75,
-                      extent=(0, gw, gh, 0), interpolation="nearest")
+            ax.imshow(
+                np.where(kept, np.nan, 0.0),
+                cmap="gray",
+                vmin=0,
+                vmax=1,
+                alpha=0.75,
+                extent=(0, gw, gh, 0),
+                interpolation="nearest",
+            )
             if r == 0:
                 ax.set_title(f"block {i}: BPR keeps\n(C={capacity_factor})", fontsize=7)
     for ax in axes.flat:
@@ -166,8 +182,11 @@ def analyze(
             k = rt["kept"].reshape(-1).float()
             req = torch.bincount(e, minlength=E).float()
             kept_n = torch.zeros(E).scatter_add_(0, e, k)
-            return ((kept_n / kept_n.sum().clamp(min=1)).numpy(), (1 - kept_n / req.clamp(min=1)).numpy(),
-                    float(1 - k.mean()))
+            return (
+                (kept_n / kept_n.sum().clamp(min=1)).numpy(),
+                (1 - kept_n / req.clamp(min=1)).numpy(),
+                float(1 - k.mean()),
+            )
 
         load_b, drop_b, d_b = rates(base[i])
         load_p, drop_p, d_p = rates(bpr[i])
@@ -182,7 +201,9 @@ def analyze(
             "dropped_fraction_at_c_bpr": round(d_p, 4),
             "dropped_fraction_at_c_vanilla": round(d_v, 4),
             "patches_kept_per_image_at_c_bpr": {
-                "mean": float(tokens_b.mean()), "min": float(tokens_b.min()), "max": float(tokens_b.max()),
+                "mean": float(tokens_b.mean()),
+                "min": float(tokens_b.min()),
+                "max": float(tokens_b.max()),
                 "of": gh * gw,
             },
             "class_expert_share": mat.round(4).tolist(),
@@ -234,5 +255,11 @@ def analyze(
     lines += ["", "![expert load](expert_load.png)", ""]
     lines += [f"![expert x class, block {f}]({f})" for f in heat_files]
     (out / "analysis.md").write_text("\n".join(lines) + "\n")
-    summary["files"] = ["routing_examples.png", "expert_load.png", *heat_files, "analysis.md", "analysis.json"]
+    summary["files"] = [
+        "routing_examples.png",
+        "expert_load.png",
+        *heat_files,
+        "analysis.md",
+        "analysis.json",
+    ]
     return summary

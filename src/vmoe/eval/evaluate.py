@@ -154,13 +154,27 @@ def sweep(
     rows = []
     for c, k, b in tqdm(settings, desc="capacity sweep", unit="setting", disable=not progress):
         with vmoe.routing_overrides(model, capacity_factor=c, num_selected=k, batch_priority=b):
-            res = evaluate(model, dataset, info, batch_size=batch_size, device=device, precision=precision,
-                           layout=layout, max_images=max_images)
+            res = evaluate(
+                model,
+                dataset,
+                info,
+                batch_size=batch_size,
+                device=device,
+                precision=precision,
+                layout=layout,
+                max_images=max_images,
+            )
             bound = flops_per_image(model, capacity_factor=c, num_selected=k)
-        rows.append({
-            "capacity_factor": c, "num_selected": k, "batch_priority": b,
-            "accuracy": res["accuracy"], "loss": res["loss"],
-            "gflops_per_image": res["gflops_per_image"], "gflops_per_image_max": bound / 1e9,
-            "dropped_fraction": res["dropped_fraction"],
-        })
+        rows.append(
+            {
+                "capacity_factor": c,
+                "num_selected": k,
+                "batch_priority": b,
+                "accuracy": res["accuracy"],
+                "loss": res["loss"],
+                "gflops_per_image": res["gflops_per_image"],
+                "gflops_per_image_max": bound / 1e9,
+                "dropped_fraction": res["dropped_fraction"],
+            }
+        )
     return rows

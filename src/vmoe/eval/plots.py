@@ -32,14 +32,20 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, mark
         out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
         out += ["| " + " | ".join(row) + " |" for row in cells]
         return "\n".join(out)
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)
+    ]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
 
 def plot_sweep(
-    rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, title: str = "", x: str = "gflops_per_image",
+    rows: Sequence[dict[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+    x: str = "gflops_per_image",
     reference: dict[str, Any] | None = None,
 ) -> Path:
     """Accuracy against GFLOPs per image, one line per (k, BPR): the paper's adaptive-compute figure.
@@ -52,8 +58,10 @@ def plot_sweep(
     colors = {1: "tab:blue", 2: "tab:orange", 3: "tab:green", 4: "tab:red"}
     for k in sorted({r["num_selected"] for r in rows}):
         for b in (False, True):
-            sel = sorted((r for r in rows if r["num_selected"] == k and r["batch_priority"] == b),
-                         key=lambda r: r["capacity_factor"])
+            sel = sorted(
+                (r for r in rows if r["num_selected"] == k and r["batch_priority"] == b),
+                key=lambda r: r["capacity_factor"],
+            )
             if not sel:
                 continue
             label = f"k={k}, {'BPR' if b else 'vanilla'}"
@@ -61,8 +69,15 @@ def plot_sweep(
             axes[0].plot([r[x] for r in sel], [r["accuracy"] for r in sel], **kw)
             axes[1].plot([r["capacity_factor"] for r in sel], [r["accuracy"] for r in sel], **kw)
     if reference is not None:
-        axes[0].scatter([reference["gflops_per_image"]], [reference["accuracy"]], marker="*", s=140,
-                        color="black", label=reference.get("label", "reference"), zorder=5)
+        axes[0].scatter(
+            [reference["gflops_per_image"]],
+            [reference["accuracy"]],
+            marker="*",
+            s=140,
+            color="black",
+            label=reference.get("label", "reference"),
+            zorder=5,
+        )
     axes[0].set_xlabel("GFLOPs per image (realised, forward)")
     axes[1].set_xlabel("capacity factor C (test time)")
     axes[1].set_xscale("log")
@@ -70,7 +85,9 @@ def plot_sweep(
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title or "Accuracy vs compute with test-time capacity (vanilla vs batch-prioritized routing)")
+    fig.suptitle(
+        title or "Accuracy vs compute with test-time capacity (vanilla vs batch-prioritized routing)"
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

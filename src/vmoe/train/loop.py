@@ -76,7 +76,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def classification_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str, smoothing: float = 0.0) -> torch.Tensor:
+def classification_loss(
+    logits: torch.Tensor, targets: torch.Tensor, kind: str, smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean loss over the batch. ``targets``: int64 (B,) or soft float (B, classes)."""
     logits = logits.float()
     num_classes = logits.shape[-1]
@@ -189,8 +191,14 @@ class Trainer:
     """Holds the pieces of a run; :meth:`fit` runs it. Most users call :func:`train`."""
 
     def __init__(
-        self, cfg: TrainConfig, out_dir: str | os.PathLike[str], *, resume: bool = False,
-        layout: Any = None, progress: bool = True, log: Any = None,
+        self,
+        cfg: TrainConfig,
+        out_dir: str | os.PathLike[str],
+        *,
+        resume: bool = False,
+        layout: Any = None,
+        progress: bool = True,
+        log: Any = None,
     ) -> None:
         import vmoe
         from vmoe.data import AugmentConfig, BatchAugment, BatchIterator, load_dataset
@@ -220,13 +228,20 @@ class Trainer:
         hflip = self.info.default_hflip if cfg.hflip is None else cfg.hflip
         self.augment = BatchAugment(
             AugmentConfig(crop=cfg.crop, hflip=hflip, randaugment=cfg.randaugment, mixup=cfg.mixup),
-            self.info.mean, self.info.std,
+            self.info.mean,
+            self.info.std,
         )
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {self.world}")
         self.batches = BatchIterator(
-            self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
-            rank=self.rank, world_size=self.world, device=self.device,
+            self.train_set,
+            cfg.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            drop_last=True,
+            rank=self.rank,
+            world_size=self.world,
+            device=self.device,
         )
         self.steps_per_epoch = len(self.batches)
         if self.steps_per_epoch < 1:
@@ -238,8 +253,9 @@ class Trainer:
 
         # Model.
         overrides = dict(cfg.model_overrides)
-        overrides.update(num_classes=self.info.num_classes, in_chans=self.info.channels,
-                         image_size=self.info.image_size)
+        overrides.update(
+            num_classes=self.info.num_classes, in_chans=self.info.channels, image_size=self.info.image_size
+        )
         torch.manual_seed(cfg.seed)
         self.model = vmoe.create_model(cfg.model, **overrides)
         if cfg.batch_priority and self.model.moe_layers():
@@ -292,8 +308,12 @@ class Trainer:
             if state is not None:
                 _truncate_metrics(self.out / "metrics.jsonl", self.step)
             (self.out / "config.json").write_text(
-                json.dumps({"train": cfg.to_dict(), "model": self.model_config, "data": self._data_info()},
-                           indent=2, default=list) + "\n"
+                json.dumps(
+                    {"train": cfg.to_dict(), "model": self.model_config, "data": self._data_info()},
+                    indent=2,
+                    default=list,
+                )
+                + "\n"
             )
 
     # ------------------------------------------------------------------ pieces
@@ -323,10 +343,18 @@ class Trainer:
         path = self.out / "checkpoints" / f"step_{self.step:08d}"
         if self.is_main:
             path = save_checkpoint(
-                self.out, self.step, sd, model_config=self.model_config, train_config=self.cfg.to_dict(),
+                self.out,
+                self.step,
+                sd,
+                model_config=self.model_config,
+                train_config=self.cfg.to_dict(),
                 data_info=self._data_info(),
-                train_state={"optimizer": opt, "step": self.step, "torch_rng": torch.get_rng_state(),
-                             "total_steps": self.total_steps},
+                train_state={
+                    "optimizer": opt,
+                    "step": self.step,
+                    "torch_rng": torch.get_rng_state(),
+                    "total_steps": self.total_steps,
+                },
                 keep=self.cfg.keep_checkpoints,
             )
         if self.layout is not None:
@@ -343,7 +371,9 @@ class Trainer:
 
         return parallel.all_reduce_mean(t, self.layout)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, step: int) -> dict[str, Any]:
+    def train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, step: int
+    ) -> dict[str, Any]:
         """One optimizer step on this rank's slice of the global batch; returns detached metrics."""
         cfg = self.cfg
         epoch = step // self.steps_per_epoch
@@ -353,7 +383,9 @@ class Trainer:
         self.model.train()
         x = self.augment(images, indices, epoch=epoch, seed=cfg.seed)
         if cfg.mixup > 0:
-            x, targets = self.augment.mix(x, labels, self.info.num_classes, indices, epoch=epoch, seed=cfg.seed)
+            x, targets = self.augment.mix(
+                x, labels, self.info.num_classes, indices, epoch=epoch, seed=cfg.seed
+            )
         else:
             targets = labels
         local = x.shape[0]
@@ -363,11 +395,12 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         dropped = torch.zeros((), device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        n_micro = 0
         for start in range(0, local, micro):
             xb, tb = x[start : start + micro], targets[start : start + micro]
-            with rng.positional_rng(rng.mix_seed(cfg.seed, step), image_offset=offset + start), \
-                    autocast_for(self.device, cfg.precision):
+            with (
+                rng.positional_rng(rng.mix_seed(cfg.seed, step), image_offset=offset + start),
+                autocast_for(self.device, cfg.precision),
+            ):
                 logits, aux = self.forward(xb)
                 main = classification_loss(logits, tb, cfg.loss, cfg.label_smoothing)
                 aux_loss = aux["aux_loss"].float()
@@ -376,26 +409,42 @@ class Trainer:
             aux_sum += aux_loss.detach() * (xb.shape[0] / local)
             layers = aux.get("layers", {})
             if layers:
-                dropped += torch.stack([m["dropped_fraction"] for m in layers.values()]).mean() * (xb.shape[0] / local)
-            n_micro += 1
+                dropped += torch.stack([m["dropped_fraction"] for m in layers.values()]).mean() * (
+                    xb.shape[0] / local
+                )
         if self.layout is not None:
             from vmoe import parallel
 
             parallel.sync_gradients(self.model, self.layout)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            if cfg.grad_clip > 0 else torch.zeros(())
-        )
+        if cfg.grad_clip <= 0:
+            grad_norm = torch.zeros(())
+        elif self.layout is not None:
+            from vmoe import parallel
+
+            grad_norm = parallel.clip_grad_norm_(self.model, cfg.grad_clip, self.layout)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        return {"loss": loss_sum, "aux_loss": aux_sum, "lr": lr, "grad_norm": grad_norm,
-                "dropped_fraction": dropped, "epoch": epoch}
+        return {
+            "loss": loss_sum,
+            "aux_loss": aux_sum,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "dropped_fraction": dropped,
+            "epoch": epoch,
+        }
 
     def evaluate(self) -> dict[str, Any]:
         from vmoe.eval.evaluate import evaluate
 
         return evaluate(
-            self.model, self.test_set, self.info, batch_size=self.cfg.eval_batch_size, device=self.device,
-            precision=self.cfg.precision, layout=self.layout,
+            self.model,
+            self.test_set,
+            self.info,
+            batch_size=self.cfg.eval_batch_size,
+            device=self.device,
+            precision=self.cfg.precision,
+            layout=self.layout,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -404,8 +453,14 @@ class Trainer:
 
         cfg = self.cfg
         writer = MetricsWriter(self.out / "metrics.jsonl", enabled=self.is_main)
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.progress and self.is_main), desc=f"train {cfg.model}")
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.progress and self.is_main),
+            desc=f"train {cfg.model}",
+        )
         last_loss = float("nan")
         accuracy = None
         t_log, images_since = time.perf_counter(), 0
@@ -423,19 +478,33 @@ class Trainer:
                             loss = float(self._reduce(metrics["loss"]))
                             aux = float(self._reduce(metrics["aux_loss"]))
                             rec = {
-                                "step": self.step, "epoch": metrics["epoch"], "loss": loss, "aux_loss": aux,
-                                "lr": metrics["lr"], "grad_norm": float(metrics["grad_norm"]),
+                                "step": self.step,
+                                "epoch": metrics["epoch"],
+                                "loss": loss,
+                                "aux_loss": aux,
+                                "lr": metrics["lr"],
+                                "grad_norm": float(metrics["grad_norm"]),
                                 "dropped_fraction": float(self._reduce(metrics["dropped_fraction"])),
                                 "images_per_s": images_since / max(now - t_log, 1e-9),
                             }
                             writer.write(rec)
                             last_loss = loss
-                            bar.set_postfix(loss=f"{loss:.4f}", aux=f"{aux:.4f}", lr=f"{metrics['lr']:.2e}",
-                                            img_s=f"{rec['images_per_s']:.0f}")
+                            bar.set_postfix(
+                                loss=f"{loss:.4f}",
+                                aux=f"{aux:.4f}",
+                                lr=f"{metrics['lr']:.2e}",
+                                img_s=f"{rec['images_per_s']:.0f}",
+                            )
                             t_log, images_since = now, 0
-                        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                        if (
+                            cfg.eval_every
+                            and self.step % cfg.eval_every == 0
+                            and self.step < self.total_steps
+                        ):
                             ev = self.evaluate()
-                            writer.write({"step": self.step, "accuracy": ev["accuracy"], "eval_loss": ev["loss"]})
+                            writer.write(
+                                {"step": self.step, "accuracy": ev["accuracy"], "eval_loss": ev["loss"]}
+                            )
                         if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                             self.save()
                         if flag.signum is not None:
@@ -446,21 +515,35 @@ class Trainer:
                             break
             ev = self.evaluate()
             accuracy = ev["accuracy"]
-            writer.write({"step": self.step, "accuracy": ev["accuracy"], "eval_loss": ev["loss"],
-                          "gflops_per_image": ev.get("gflops_per_image")})
+            writer.write(
+                {
+                    "step": self.step,
+                    "accuracy": ev["accuracy"],
+                    "eval_loss": ev["loss"],
+                    "gflops_per_image": ev.get("gflops_per_image"),
+                }
+            )
             if self.checkpoint_path is None or self.checkpoint_path.name != f"step_{self.step:08d}":
                 self.save()
         finally:
             bar.close()
             writer.close()
         if self.is_main:
-            self.log(f"done: step {self.step}, loss {last_loss:.4f}, test accuracy {accuracy:.4f}; "
-                     f"checkpoint {self.checkpoint_path}")
+            self.log(
+                f"done: step {self.step}, loss {last_loss:.4f}, test accuracy {accuracy:.4f}; "
+                f"checkpoint {self.checkpoint_path}"
+            )
         assert self.checkpoint_path is not None
         return TrainResult(self.out, self.step, last_loss, accuracy, self.checkpoint_path)
 
 
-def train(cfg: TrainConfig, out_dir: str | os.PathLike[str], *, resume: bool = False, progress: bool = True,
-          layout: Any = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    layout: Any = None,
+) -> TrainResult:
     """Train ``cfg`` into ``out_dir`` (config.json, metrics.jsonl, checkpoints/)."""
     return Trainer(cfg, out_dir, resume=resume, progress=progress, layout=layout).fit()
