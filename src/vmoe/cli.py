@@ -29,10 +29,19 @@ def _train_config(args: argparse.Namespace) -> Any:
     cfg = get_recipe(args.recipe)
     pairs: list[str] = []
     simple = {
-        "model": args.model, "data": args.data, "epochs": args.epochs, "steps": args.steps,
-        "batch_size": args.batch_size, "image_size": args.image_size, "seed": args.seed,
-        "log_every": args.log_every, "checkpoint_every": args.checkpoint_every, "lr": args.lr,
-        "device": args.device, "expert_parallel": args.expert_parallel, "eval_every": args.eval_every,
+        "model": args.model,
+        "data": args.data,
+        "epochs": args.epochs,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "seed": args.seed,
+        "log_every": args.log_every,
+        "checkpoint_every": args.checkpoint_every,
+        "lr": args.lr,
+        "device": args.device,
+        "expert_parallel": args.expert_parallel,
+        "eval_every": args.eval_every,
     }
     for k, v in simple.items():
         if v is not None:
@@ -59,8 +68,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     vmoe.create_model  # noqa: B018 - fail early on a broken install
     res = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     if res.accuracy is not None:
-        print(json.dumps({"step": res.step, "loss": res.final_loss, "accuracy": res.accuracy,
-                          "checkpoint": str(res.checkpoint)}))
+        print(
+            json.dumps(
+                {
+                    "step": res.step,
+                    "loss": res.final_loss,
+                    "accuracy": res.accuracy,
+                    "checkpoint": str(res.checkpoint),
+                }
+            )
+        )
     return 0
 
 
@@ -78,15 +95,23 @@ def _load_for_eval(checkpoint: str, data: str | None, device: str, max_images: i
     if spec is None:
         raise ValueError(f"{ck['path']}: no --data given and the checkpoint does not name its training data")
     image_size = model.cfg.image_hw[0]
-    _, test, info = load_dataset(spec, image_size=image_size,
-                                 max_test=max_images if max_images is not None else tc.get("max_test"))
+    _, test, info = load_dataset(
+        spec, image_size=image_size, max_test=max_images if max_images is not None else tc.get("max_test")
+    )
     if ck["data_info"] is not None and spec == tc.get("data"):
         # Normalise with the statistics the model was trained with.
         d = ck["data_info"]
-        info = DatasetInfo(**{**{k: v for k, v in d.items() if k in DatasetInfo.__dataclass_fields__},
-                              "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+        info = DatasetInfo(
+            **{
+                **{k: v for k, v in d.items() if k in DatasetInfo.__dataclass_fields__},
+                "mean": tuple(d["mean"]),
+                "std": tuple(d["std"]),
+            }
+        )
     if test.channels != model.cfg.in_chans:
-        raise ValueError(f"{spec}: images have {test.channels} channels, the model expects {model.cfg.in_chans}")
+        raise ValueError(
+            f"{spec}: images have {test.channels} channels, the model expects {model.cfg.in_chans}"
+        )
     if info.num_classes > model.cfg.num_classes:
         raise ValueError(f"{spec}: {info.num_classes} classes, the model has {model.cfg.num_classes} outputs")
     return model, test, info, dev, ck
@@ -99,19 +124,44 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, test, info, dev, ck = _load_for_eval(args.checkpoint, args.data, args.device, args.max_images)
     t0 = time.perf_counter()
     res = evaluate(model, test, info, batch_size=args.batch_size, device=dev)
-    result: dict[str, Any] = {"checkpoint": str(ck["path"]), "step": ck["step"], **res,
-                              "seconds": round(time.perf_counter() - t0, 2)}
-    print(f"accuracy {res['accuracy']:.4f}  loss {res['loss']:.4f}  on {res['num_images']} images  "
-          f"({res['gflops_per_image']:.4f} GFLOPs/image)")
+    result: dict[str, Any] = {
+        "checkpoint": str(ck["path"]),
+        "step": ck["step"],
+        **res,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    print(
+        f"accuracy {res['accuracy']:.4f}  loss {res['loss']:.4f}  on {res['num_images']} images  "
+        f"({res['gflops_per_image']:.4f} GFLOPs/image)"
+    )
     if args.sweep:
         caps = args.capacities or list(DEFAULT_CAPACITIES)
-        rows = sweep(model, test, info, capacities=caps, batch_size=args.batch_size, device=dev,
-                     progress=not args.no_progress)
-        cols = ["capacity_factor", "num_selected", "batch_priority", "accuracy", "gflops_per_image",
-                "dropped_fraction"]
+        rows = sweep(
+            model,
+            test,
+            info,
+            capacities=caps,
+            batch_size=args.batch_size,
+            device=dev,
+            progress=not args.no_progress,
+        )
+        cols = [
+            "capacity_factor",
+            "num_selected",
+            "batch_priority",
+            "accuracy",
+            "gflops_per_image",
+            "dropped_fraction",
+        ]
         print(format_table(rows, cols))
-        plot = Path(args.plot) if args.plot else (
-            Path(args.json).with_suffix(".png") if args.json else Path(ck["path"]).parent.parent / "sweep.png"
+        plot = (
+            Path(args.plot)
+            if args.plot
+            else (
+                Path(args.json).with_suffix(".png")
+                if args.json
+                else Path(ck["path"]).parent.parent / "sweep.png"
+            )
         )
         plot_sweep(rows, plot, title=f"{model.cfg.name}: accuracy vs compute (test-time C, k, BPR)")
         print(f"plot: {plot}")
@@ -128,8 +178,16 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     model, test, info, dev, ck = _load_for_eval(args.checkpoint, args.data, args.device)
     out = Path(args.out) if args.out else Path(ck["path"]).parent.parent / "analysis"
-    summary = analyze(model, test, info, out, capacity_factor=args.capacity, num_samples=args.num_samples,
-                      max_images=args.max_images, device=dev)
+    summary = analyze(
+        model,
+        test,
+        info,
+        out,
+        capacity_factor=args.capacity,
+        num_samples=args.num_samples,
+        max_images=args.max_images,
+        device=dev,
+    )
     print(f"wrote {', '.join(summary['files'])} to {out}")
     return 0
 
@@ -138,7 +196,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vmoe import report
 
-    report.main_job(Path(args.out), recipe=args.recipe, overrides=args.set or [], progress=not args.no_progress)
+    report.main_job(
+        Path(args.out), recipe=args.recipe, overrides=args.set or [], progress=not args.no_progress
+    )
     return 0
 
 
@@ -176,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--expert-parallel", type=int, help="expert-parallel size (under torchrun)")
-    t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys; model.KEY=VALUE for the model")
+    t.add_argument(
+        "--set", nargs="*", metavar="KEY=VALUE", help="override config keys; model.KEY=VALUE for the model"
+    )
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
 

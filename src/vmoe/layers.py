@@ -73,7 +73,13 @@ class Mlp(nn.Module):
     """
 
     def __init__(
-        self, dim: int, hidden_dim: int, *, act: Activation = "gelu_tanh", dropout: float = 0.0, stream: int = 0
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        act: Activation = "gelu_tanh",
+        dropout: float = 0.0,
+        stream: int = 0,
     ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)

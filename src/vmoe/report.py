@@ -15,8 +15,9 @@ import torch
 __all__ = ["main_job"]
 
 
-def main_job(out: Path, *, recipe: str = "default", overrides: list[str] | None = None,
-             progress: bool = True) -> dict[str, Any]:
+def main_job(
+    out: Path, *, recipe: str = "default", overrides: list[str] | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Train ``recipe`` into ``out/run``, run the capacity sweep and the routing analysis, and write
     ``out/README.md`` (numbers, the sweep plot, routing pictures). Returns the numbers."""
     import vmoe
@@ -55,27 +56,52 @@ def main_job(out: Path, *, recipe: str = "default", overrides: list[str] | None 
     elapsed = time.perf_counter() - t0
 
     def acc(c: float, k: int, b: bool) -> float:
-        return next(r["accuracy"] for r in rows if r["capacity_factor"] == c and r["num_selected"] == k
-                    and r["batch_priority"] == b)
+        return next(
+            r["accuracy"]
+            for r in rows
+            if r["capacity_factor"] == c and r["num_selected"] == k and r["batch_priority"] == b
+        )
 
     ks = sorted({r["num_selected"] for r in rows})
     low = [c for c in sorted({r["capacity_factor"] for r in rows}) if c < 1.0]
     chance = 1.0 / info.num_classes
     compare = [
-        {"capacity_factor": c, "k": k, "vanilla": acc(c, k, False), "BPR": acc(c, k, True),
-         "BPR - vanilla": acc(c, k, True) - acc(c, k, False)}
-        for k in ks for c in low
+        {
+            "capacity_factor": c,
+            "k": k,
+            "vanilla": acc(c, k, False),
+            "BPR": acc(c, k, True),
+            "BPR - vanilla": acc(c, k, True) - acc(c, k, False),
+        }
+        for k in ks
+        for c in low
     ]
     summary = {
-        "recipe": recipe, "model": cfg.model, "data": info.name, "params": params,
-        "test_accuracy": res.accuracy, "chance": chance, "train_seconds": round(t_train, 1),
-        "total_seconds": round(elapsed, 1), "steps": res.step,
-        "bpr_minus_vanilla_below_c1": {f"k{r['k']}_c{r['capacity_factor']}": round(r["BPR - vanilla"], 4)
-                                       for r in compare},
-        "torch": torch.__version__, "device": str(device), "machine": platform.machine(),
+        "recipe": recipe,
+        "model": cfg.model,
+        "data": info.name,
+        "params": params,
+        "test_accuracy": res.accuracy,
+        "chance": chance,
+        "train_seconds": round(t_train, 1),
+        "total_seconds": round(elapsed, 1),
+        "steps": res.step,
+        "bpr_minus_vanilla_below_c1": {
+            f"k{r['k']}_c{r['capacity_factor']}": round(r["BPR - vanilla"], 4) for r in compare
+        },
+        "torch": torch.__version__,
+        "device": str(device),
+        "machine": platform.machine(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    cols = ["capacity_factor", "num_selected", "batch_priority", "accuracy", "gflops_per_image", "dropped_fraction"]
+    cols = [
+        "capacity_factor",
+        "num_selected",
+        "batch_priority",
+        "accuracy",
+        "gflops_per_image",
+        "dropped_fraction",
+    ]
     md = [
         f"# vmoe main job: {cfg.model} on {info.name}",
         "",
@@ -112,8 +138,12 @@ def main_job(out: Path, *, recipe: str = "default", overrides: list[str] | None 
         "",
     ]
     md += [f"![expert x class](analysis/{f})" for f in analysis["files"] if f.startswith("expert_class")]
-    md += ["", "Training curve: `run/metrics.jsonl`; checkpoint: `run/checkpoints/`; "
-           "load it with `vmoe.load('" + str(run) + "')`.", ""]
+    md += [
+        "",
+        "Training curve: `run/metrics.jsonl`; checkpoint: `run/checkpoints/`; "
+        "load it with `vmoe.load('" + str(run) + "')`.",
+        "",
+    ]
     (out / "README.md").write_text("\n".join(md))
     log(f"done in {elapsed:.0f} s: test accuracy {res.accuracy:.4f}; report {out / 'README.md'}")
     print(json.dumps(summary))

@@ -109,8 +109,14 @@ class PositionalRNG:
         return mix_seed(self.seed, stream)
 
     def normal(
-        self, stream: int, shape: tuple[int, ...], *, items_per_image: int, device: torch.device,
-        first_image: int = 0, dtype: torch.dtype = torch.float32,
+        self,
+        stream: int,
+        shape: tuple[int, ...],
+        *,
+        items_per_image: int,
+        device: torch.device,
+        first_image: int = 0,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Normal noise of ``shape`` for consecutive images of this process.
 
@@ -122,8 +128,14 @@ class PositionalRNG:
         return hash_normal(self.stream_seed(stream), index, dtype)
 
     def uniform(
-        self, stream: int, shape: tuple[int, ...], *, items_per_image: int, device: torch.device,
-        first_image: int = 0, dtype: torch.dtype = torch.float32,
+        self,
+        stream: int,
+        shape: tuple[int, ...],
+        *,
+        items_per_image: int,
+        device: torch.device,
+        first_image: int = 0,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Uniform (0, 1) numbers of ``shape`` by global position (see :meth:`normal`)."""
         index = self.global_index(shape, items_per_image, device, first_image)

@@ -104,7 +104,9 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "COMPLETE").exists()]
+    found = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "COMPLETE").exists()
+    ]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -138,7 +140,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: corrupt JSON ({e})") from None
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Read a checkpoint (or a run's newest) into a dict.
 
     Keys: ``path``, ``state_dict``, ``model_config``, ``train_config`` (or None), ``data_info``
@@ -153,7 +157,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
         "path": ckpt,
         "state_dict": state,
         "model_config": _read_json(ckpt / "model_config.json"),
-        "train_config": _read_json(ckpt / "train_config.json") if (ckpt / "train_config.json").exists() else None,
+        "train_config": _read_json(ckpt / "train_config.json")
+        if (ckpt / "train_config.json").exists()
+        else None,
         "data_info": _read_json(ckpt / "data_info.json") if (ckpt / "data_info.json").exists() else None,
         "train_state": None,
     }
@@ -176,8 +182,8 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device = "cp
         model = vmoe.load("runs/digits")      # the newest checkpoint of the run
         logits, aux = model(images)
     """
-    from vmoe.models import build_model
     from vmoe.config import ModelConfig
+    from vmoe.models import build_model
 
     ck = load_checkpoint(path, map_location=map_location)
     try:

@@ -88,7 +88,14 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
-        for n in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints", "expert_parallel"):
+        for n in (
+            "batch_size",
+            "grad_accum",
+            "eval_batch_size",
+            "log_every",
+            "keep_checkpoints",
+            "expert_parallel",
+        ):
             pos(n)
         pos("steps", allow_none=True)
         pos("image_size", allow_none=True)
@@ -99,14 +106,18 @@ class TrainConfig:
         if self.steps is None and (self.epochs is None or not self.epochs > 0):
             raise ValueError(f"epochs must be > 0 when steps is not set, got {self.epochs!r}")
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}"
+            )
         for n in ("lr", "end_lr", "weight_decay", "grad_clip", "mixup", "label_smoothing", "warmup_fraction"):
             v = getattr(self, n)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{n} must be a finite number >= 0, got {v!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+        if self.warmup_steps is not None and (
+            not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
+        ):
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         choices = {
             "crop": ("pad", "rrc", "none"),
@@ -232,7 +243,7 @@ def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
         key, text = pair.split("=", 1)
         key = key.strip()
         if key.startswith("model."):
-            d["model_overrides"] = {**d["model_overrides"], key[len("model."):]: _auto_value(text)}
+            d["model_overrides"] = {**d["model_overrides"], key[len("model.") :]: _auto_value(text)}
             continue
         if key not in fields:
             import difflib

@@ -98,7 +98,14 @@ def tiny() -> TrainConfig:
 def _cifar(model: str, overrides: dict, epochs: float) -> TrainConfig:
     return TrainConfig(
         model=model,
-        model_overrides={"patch_size": 4, "num_layers": 6, "hidden_size": 192, "mlp_dim": 768, "num_heads": 3, **overrides},
+        model_overrides={
+            "patch_size": 4,
+            "num_layers": 6,
+            "hidden_size": 192,
+            "mlp_dim": 768,
+            "num_heads": 3,
+            **overrides,
+        },
         data="cifar10",
         image_size=32,
         epochs=epochs,
