@@ -12,17 +12,18 @@ Both backends produce identical buffers, so an expert-parallel all-to-all can si
 ``dispatch`` and ``combine`` regardless of the backend.
 
 - :class:`EinsumDispatcher`: GShard-style one-hot einsum, (G, S, E, C) tensors. The reference.
-- :class:`IndexDispatcher`: gather rows into the buffers, weighted gather back. No tensor of size
-  S x E x C; the fast path.
+- :class:`IndexDispatcher`: gather rows into the buffers, weighted gather back (forward and
+  backward are gathers only). No tensor of size S x E x C; the fast path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from vmoe.moe.routing import Routing
 
@@ -78,45 +79,137 @@ def _positions(routings: Sequence[Routing], rows: int, offsets: list[int]) -> to
 
 def _sources(positions: torch.Tensor, num_experts: int, rows: int) -> torch.Tensor:
     """(E * R,) the token of each buffer row, ``N`` (a zero row) where empty."""
+    K = positions.shape[1]
+    return torch.div(_row_assignments(positions, num_experts * rows), K, rounding_mode="floor")
+
+
+def _row_assignments(positions: torch.Tensor, total_rows: int) -> torch.Tensor:
+    """(E * R,) the assignment ``n * K + k`` held in each buffer row, ``N * K`` where empty."""
     N, K = positions.shape
-    src = torch.full((num_experts * rows + 1,), N, dtype=torch.int64, device=positions.device)
-    tokens = torch.arange(N, device=positions.device, dtype=torch.int64).repeat_interleave(K)
-    src.scatter_(0, positions.reshape(-1), tokens)  # dropped ones all land on the spare last row
-    return src[:-1]
+    assign = torch.full((total_rows + 1,), N * K, dtype=torch.int64, device=positions.device)
+    ids = torch.arange(N * K, device=positions.device, dtype=torch.int64)
+    assign.scatter_(0, positions.reshape(-1), ids)  # dropped ones all land on the spare last row
+    return assign[:-1]
+
+
+class _RowMap:
+    """``out[i] = src[index[i]]``, or a zero row where ``index[i] == len(src)`` (the sentinel).
+
+    Two exact implementations of the same map: ``pad`` gathers from ``src`` with a zero row appended
+    (no host synchronisation; the default off the CPU), otherwise the sentinel rows are gathered from
+    row 0 and then zero-filled, which saves copying ``src`` (the indices of those rows are found once,
+    with a host synchronisation that costs nothing on the CPU).
+    """
+
+    def __init__(self, index: torch.Tensor, sentinel: int, pad: bool) -> None:
+        self.pad = pad
+        self.sentinel = sentinel
+        if pad:
+            self.index = index
+            self.empty: torch.Tensor | None = None
+        else:
+            missing = index == sentinel
+            self.index = index.masked_fill(missing, 0)
+            empty = missing.nonzero().squeeze(1)
+            self.empty = empty if empty.numel() else None
+
+    def gather(self, src: torch.Tensor) -> torch.Tensor:
+        """(len(src), D) -> (len(index), D)."""
+        if self.pad:
+            return F.pad(src, (0, 0, 0, 1)).index_select(0, self.index)
+        out = src.index_select(0, self.index)
+        if self.empty is not None:
+            out.index_fill_(0, self.empty, 0)
+        return out
+
+
+class _Dispatch(torch.autograd.Function):
+    """buffers = tokens gathered into rows; its adjoint is again a gather (each token's K rows)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, d: IndexDispatcher) -> torch.Tensor:  # (N, D) -> (E*R, D)
+        ctx.d = d
+        return d._to_rows.gather(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # (E*R, D) -> (N, D)
+        maps = ctx.d._to_tokens
+        out = maps[0].gather(g)
+        for m in maps[1:]:
+            out.add_(m.gather(g))
+        return out, None
+
+
+class _Combine(torch.autograd.Function):
+    """``out[n] = sum_k w[n, k] * y[pos[n, k]]``; both adjoints are gathers too (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, w: torch.Tensor, d: IndexDispatcher) -> torch.Tensor:
+        # y (E*R, D), w (N, K) -> (N, D)
+        maps = d._to_tokens
+        out = maps[0].gather(y).mul_(w[:, :1])
+        for k, m in enumerate(maps[1:], start=1):
+            out.addcmul_(m.gather(y), w[:, k : k + 1])
+        ctx.d = d
+        ctx.save_for_backward(y, w)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        y, w = ctx.saved_tensors
+        d: IndexDispatcher = ctx.d
+        g_rows = d._to_rows.gather(g)  # (E*R, D): row r holds g[token of r], 0 where empty
+        grad_w = grad_y = None
+        if ctx.needs_input_grad[1]:
+            # grad_w[n, k] = <g[n], y[pos[n, k]]> = dots[pos[n, k]]; 0 where dropped (the spare entry).
+            # Accumulated in float32 when y is bf16/fp16 (the router's gradient stays accurate).
+            wide = y.dtype in (torch.float16, torch.bfloat16)
+            dots = torch.linalg.vecdot(y.float(), g_rows.float()) if wide else torch.linalg.vecdot(y, g_rows)
+            grad_w = F.pad(dots, (0, 1))[d.positions].to(w.dtype)  # (N, K)
+        if ctx.needs_input_grad[0]:
+            # Row r holds assignment (n, k): grad_y[r] = w[n, k] * g[n]; empty rows get 0.
+            w_rows = F.pad(w.reshape(-1), (0, 1)).index_select(0, d.row_assign)  # (E*R,)
+            grad_y = g_rows.mul_(w_rows.unsqueeze(1))
+        return grad_y, grad_w, None
 
 
 class IndexDispatcher:
-    """Gather/scatter dispatch into capacity buffers (the fast path).
+    """Gather dispatch into capacity buffers (the fast path).
+
+    Forward and backward are row gathers only (``index_select``): the adjoint of "token -> its K
+    rows" is "row -> its token" and vice versa, so no scatter-add (slow and serial on the CPU,
+    non-deterministic on CUDA) is ever run.
 
     Args:
         routings: the chunks' routing plans, each with fields (G_c, S_c, K), in token order.
+        pad: how empty rows are made zero (see :class:`_RowMap`); default: pad off the CPU only.
     """
 
-    def __init__(self, routings: Sequence[Routing]) -> None:
+    def __init__(self, routings: Sequence[Routing], *, pad: bool | None = None) -> None:
         self.num_experts, self.rows_per_expert, _offsets = _layout(routings)
         self.positions = _positions(routings, self.rows_per_expert, _offsets)  # (N, K)
         self.weights = torch.cat([r.weights.reshape(-1, r.num_selected) for r in routings], dim=0)  # (N, K)
-        self.num_tokens = self.positions.shape[0]
-        self.sources = _sources(self.positions, self.num_experts, self.rows_per_expert)  # (E*R,)
+        self.num_tokens, K = self.positions.shape
+        total = self.num_experts * self.rows_per_expert
+        self.row_assign = _row_assignments(self.positions, total)  # (E*R,), N*K where empty
+        self.sources = torch.div(self.row_assign, K, rounding_mode="floor")  # (E*R,), N where empty
+        if pad is None:
+            pad = self.positions.device.type != "cpu"
+        self._to_rows = _RowMap(self.sources, self.num_tokens, pad)
+        self._to_tokens = [_RowMap(self.positions[:, k], total, pad) for k in range(K)]
 
     def dispatch(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[0] != self.num_tokens:
             raise ValueError(f"dispatch expects ({self.num_tokens}, D) tokens, got {tuple(x.shape)}")
-        x_pad = F.pad(x, (0, 0, 0, 1))  # row N is the zero row for empty slots
-        return x_pad.index_select(0, self.sources).view(self.num_experts, self.rows_per_expert, x.shape[1])
+        return _Dispatch.apply(x, self).view(self.num_experts, self.rows_per_expert, x.shape[1])
 
     def combine(self, y: torch.Tensor) -> torch.Tensor:
         E, R = self.num_experts, self.rows_per_expert
         if y.dim() != 3 or y.shape[0] != E or y.shape[1] != R:
             raise ValueError(f"combine expects ({E}, {R}, D) expert outputs, got {tuple(y.shape)}")
-        y_pad = F.pad(y.reshape(E * R, y.shape[2]), (0, 0, 0, 1))  # row E*R is zero: dropped
-        w = self.weights.to(y.dtype)
-        out = None
-        for k in range(self.positions.shape[1]):
-            term = y_pad.index_select(0, self.positions[:, k]) * w[:, k : k + 1]
-            out = term if out is None else out + term
-        assert out is not None
-        return out
+        return _Combine.apply(y.reshape(E * R, y.shape[2]), self.weights.to(y.dtype), self)
 
     def buffer_tokens(self) -> torch.Tensor:
         N = self.num_tokens

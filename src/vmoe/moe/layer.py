@@ -9,7 +9,7 @@ from torch import nn
 
 from vmoe import rng
 from vmoe.config import MoEConfig
-from vmoe.layers import Activation
+from vmoe.layers import Activation, compute_dtype
 from vmoe.moe.dispatch import make_dispatcher
 from vmoe.moe.experts import Experts
 from vmoe.moe.router import RouterOutput, TopKRouter
@@ -80,7 +80,12 @@ class MoEMlp(nn.Module):
         self.cfg = cfg
         self.router = TopKRouter(dim, cfg.router, stream=stream)
         self.experts = Experts(
-            cfg.router.num_experts, dim, hidden_dim, act=act, dropout=dropout, init=cfg.expert_init,
+            cfg.router.num_experts,
+            dim,
+            hidden_dim,
+            act=act,
+            dropout=dropout,
+            init=cfg.expert_init,
             stream=stream + 1,
         )
         self.expert_comm: ExpertComm | None = None
@@ -111,7 +116,8 @@ class MoEMlp(nn.Module):
             outs.append(self.router(xc, first_image=first, tokens_per_image=T))
         routings = [o.routing for o in outs]
         dispatcher = make_dispatcher(self.cfg.dispatch, routings)
-        buffers = dispatcher.dispatch(x_flat)  # (E, R, D)
+        # Cast before the gather (N rows) rather than in the experts (k*C*N rows); same values.
+        buffers = dispatcher.dispatch(x_flat.to(compute_dtype(x_flat)))  # (E, R, D)
         rows = None
         ctx = rng.current()
         if self.training and self.experts.p > 0 and ctx is not None:
@@ -124,7 +130,8 @@ class MoEMlp(nn.Module):
             local, local_rows = self.expert_comm.dispatch(buffers, rows)
             y = self.expert_comm.combine(self.experts(local, local_rows))
         else:
-            y = self.experts(buffers, rows)
+            filled = dispatcher.buffer_tokens() >= 0 if self.experts._pack(buffers) else None
+            y = self.experts(buffers, rows, filled=filled)
         out = dispatcher.combine(y).view(B, T, D)
         return out, self._aux(outs, B, T)
 

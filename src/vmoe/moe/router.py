@@ -105,7 +105,9 @@ class TopKRouter(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.to(dtype), self.weight.to(dtype))
 
-    def forward(self, x: torch.Tensor, *, first_image: int = 0, tokens_per_image: int | None = None) -> RouterOutput:
+    def forward(
+        self, x: torch.Tensor, *, first_image: int = 0, tokens_per_image: int | None = None
+    ) -> RouterOutput:
         """Route G groups of S tokens.
 
         Args:
@@ -117,7 +119,7 @@ class TopKRouter(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"router input must be (G, S, D), got {tuple(x.shape)}")
         cfg = self.cfg
-        G, S, _ = x.shape
+        S = x.shape[1]
         E, k = cfg.num_experts, cfg.num_selected
         if k > E:
             raise ValueError(f"num_selected (k={k}) must be <= num_experts (E={E})")
@@ -132,10 +134,17 @@ class TopKRouter(nn.Module):
                 noise = torch.randn_like(logits) * sigma
             else:
                 T = tokens_per_image or S
-                noise = ctx.normal(
-                    self.stream, tuple(logits.shape), items_per_image=T * E, device=logits.device,
-                    first_image=first_image, dtype=logits.dtype,
-                ) * sigma
+                noise = (
+                    ctx.normal(
+                        self.stream,
+                        tuple(logits.shape),
+                        items_per_image=T * E,
+                        device=logits.device,
+                        first_image=first_image,
+                        dtype=logits.dtype,
+                    )
+                    * sigma
+                )
             noisy_logits = logits + noise
             gates = torch.softmax(noisy_logits, dim=-1)
         else:

@@ -26,10 +26,12 @@ __all__ = [
     "importance_loss",
     "load_loss",
     "top_experts_per_item",
+    "top_k",
     "z_loss",
 ]
 
 Priority = Literal["max", "sum"]
+_Z_MAX = 12.0
 
 
 def compute_capacity(
@@ -56,12 +58,17 @@ def compute_capacity(
     Raises:
         ValueError: an argument out of range, or a capacity below 1.
     """
-    for name, value in (("group_size", group_size), ("num_experts", num_experts), ("num_selected", num_selected)):
+    sizes = (("group_size", group_size), ("num_experts", num_experts), ("num_selected", num_selected))
+    for name, value in sizes:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if num_selected > num_experts:
         raise ValueError(f"num_selected (k={num_selected}) must be <= num_experts (E={num_experts})")
-    if not isinstance(capacity_factor, (int, float)) or not math.isfinite(capacity_factor) or capacity_factor <= 0:
+    if (
+        not isinstance(capacity_factor, (int, float))
+        or not math.isfinite(capacity_factor)
+        or capacity_factor <= 0
+    ):
         raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
     if not isinstance(multiple_of, int) or multiple_of < 0:
         raise ValueError(f"multiple_of must be an integer >= 0, got {multiple_of!r}")
@@ -120,8 +127,51 @@ class Routing:
         dtype = values.dtype
         onehot_e = F.one_hot(self.expert_index, self.num_experts).to(dtype)  # (..., S, K, E)
         slot = torch.where(self.kept, self.slot, torch.zeros_like(self.slot))
+        values = torch.where(self.kept, values, torch.zeros_like(values))  # dropped: no value, no gradient
         onehot_c = F.one_hot(slot, self.capacity).to(dtype)  # (..., S, K, C)
         return torch.einsum("...ske,...skc,...sk->...sec", onehot_e, onehot_c, values)
+
+
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of the last axis, descending; ties go to the lower index.
+
+    As ``jax.lax.top_k`` in the official code (``torch.topk`` leaves the order of ties unspecified:
+    on the CPU it prefers the *higher* index). Small ``k`` uses repeated ``max`` (first maximum),
+    otherwise a stable descending sort; both give the same result. Values are differentiable.
+
+    Returns:
+        values (..., k) and int64 indices (..., k).
+    """
+    if k > 4:
+        values, index = torch.sort(x, dim=-1, descending=True, stable=True)
+        return values[..., :k], index[..., :k]
+    with torch.no_grad():
+        work = x.detach()
+        idx = []
+        for j in range(k):
+            i = work.argmax(dim=-1, keepdim=True)  # first maximum
+            idx.append(i)
+            if j + 1 < k:
+                work = work.scatter(-1, i, float("-inf"))
+        index = torch.cat(idx, dim=-1) if k > 1 else idx[0]
+    return torch.gather(x, -1, index), index
+
+
+def _rank_within_expert(seq: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(G, L) expert ids -> (G, L): how many earlier entries of the row have the same id.
+
+    Sort-based (no (G, L, E) one-hot cumsum): sorting the unique keys ``id * L + position``
+    groups each expert's entries in sequence order; an entry's rank is its place in the sorted
+    row minus where its expert's run starts.
+    """
+    G, L = seq.shape
+    pos = torch.arange(L, device=seq.device, dtype=torch.int64)
+    sorted_key, perm = torch.sort(seq * L + pos, dim=1)
+    sorted_e = torch.div(sorted_key, L, rounding_mode="floor")
+    experts = torch.arange(num_experts, device=seq.device, dtype=torch.int64).expand(G, num_experts)
+    starts = torch.searchsorted(sorted_e, experts.contiguous())  # (G, E) where each expert's run starts
+    rank_sorted = pos.expand(G, L) - torch.gather(starts, 1, sorted_e)
+    return torch.empty_like(seq).scatter_(1, perm, rank_sorted)
 
 
 def top_experts_per_item(
@@ -134,7 +184,7 @@ def top_experts_per_item(
 ) -> Routing:
     """Top-k routing with capacity buffers, vanilla or Batch Prioritized (BPR).
 
-    1. Each token picks its ``k`` largest gates (descending).
+    1. Each token picks its ``k`` largest gates (descending; on a tie the lower expert id first).
     2. Buffers are filled k-major: all first choices, then all second choices, ...
     3. Within a choice rank, tokens go in array order (vanilla) or, with ``batch_priority``,
        in descending order of their priority score (``"max"``: the top-1 gate, as in the
@@ -161,7 +211,7 @@ def top_experts_per_item(
     g = gates.unsqueeze(0) if squeeze else gates  # (G, S, E)
     G, S, E = g.shape
 
-    top_w, top_e = torch.topk(g, num_selected, dim=-1)  # (G, S, K), descending
+    top_w, top_e = top_k(g, num_selected)  # (G, S, K), descending, ties to the lower expert id
     if batch_priority:
         score = top_w[..., 0] if priority == "max" else top_w.sum(dim=-1)  # (G, S)
         order = torch.sort(score.detach(), dim=-1, descending=True, stable=True).indices  # (G, S)
@@ -171,8 +221,7 @@ def top_experts_per_item(
         e_fill = top_e
     # k-major fill sequence: (G, K*S) expert ids, then the running count per expert.
     seq = e_fill.transpose(1, 2).reshape(G, num_selected * S)
-    counts = torch.cumsum(F.one_hot(seq, E).to(torch.int32), dim=1, dtype=torch.int32)  # (G, K*S, E)
-    slot_seq = torch.gather(counts, 2, seq.unsqueeze(-1)).squeeze(-1).to(torch.int64) - 1  # (G, K*S)
+    slot_seq = _rank_within_expert(seq, E)  # (G, K*S)
     slot_fill = slot_seq.view(G, num_selected, S).transpose(1, 2)  # (G, S, K) in fill order
     if order is not None:
         slot = torch.empty_like(slot_fill)
@@ -183,9 +232,7 @@ def top_experts_per_item(
     weights = top_w * kept.to(top_w.dtype)
     routing = Routing(top_e, slot, kept, weights, num_experts=E, capacity=capacity)
     if squeeze:
-        routing = Routing(
-            top_e[0], slot[0], kept[0], weights[0], num_experts=E, capacity=capacity
-        )
+        routing = Routing(top_e[0], slot[0], kept[0], weights[0], num_experts=E, capacity=capacity)
     return routing
 
 
@@ -224,8 +271,12 @@ def load_loss(
     """
     if noise_std <= 0:
         raise ValueError(f"noise_std must be > 0 for the load loss, got {noise_std}")
-    threshold = torch.topk(noisy_logits, num_selected, dim=-1).values[..., -1:]  # (..., S, 1)
-    p = torch.special.ndtr((logits - threshold) / noise_std)  # = 1 - Phi((thr - logit) / sigma)
+    threshold = top_k(noisy_logits, num_selected)[0][..., -1:]  # (..., S, 1)
+    # p = 1 - Phi((thr - logit) / sigma) = Phi((logit - thr) / sigma). z is clamped to +-_Z_MAX: beyond
+    # it Phi and its density underflow to denormals (slow on CPUs) and change nothing measurable
+    # (Phi(-12) = 1.8e-33; the density there is 2e-32).
+    z = ((logits - threshold) / noise_std).clamp(-_Z_MAX, _Z_MAX)
+    p = torch.special.ndtr(z)
     return cv_squared(p.mean(dim=-2))
 
 

@@ -1,0 +1,515 @@
+"""Speed of one V-MoE layer against its floor and against a per-expert loop (see shared PERF.md).
+
+The floor is one dense MLP (Linear -> tanh-GELU -> Linear) over ``k * C * N`` rows: the expert matmuls
+an MoE layer cannot avoid. Every row of the table is timed in the same run, interleaved (one call of
+each variant per round, median over rounds), and reported as a ratio to that floor.
+
+    python benchmarks/moe_layer.py --device cpu --json out.json                 # V-MoE-Ti layer, E=8
+    python benchmarks/moe_layer.py --device cpu --json out.json --num-experts 32
+    python benchmarks/moe_layer.py --device cpu --small --json out.json          # quick self-test
+    PYTHONPATH=src python benchmarks/moe_layer.py --device cuda --json out.json   # B/16 shapes, E=8 and 32
+
+Rows (``*_fwd``: forward only, eval mode, no grad; their ratio is to ``floor_fwd``):
+    floor        dense MLP over k*C*N rows, fwd+bwd
+    vmoe         MoEMlp, index dispatch (the default fast path), fwd+bwd incl. router and aux loss
+    vmoe_einsum  MoEMlp, one-hot einsum dispatch (the reference backend)
+    vmoe_bpr     MoEMlp, index dispatch, Batch Prioritized Routing on
+    loop         the same router, then a per-expert Python loop: gather by mask, MLP, scatter
+    fairscale / tutel   only when importable (never null)
+
+On CUDA the fast path is first checked against a float32 reference (einsum backend, no autocast):
+relative error <= 1e-2 in the output and every gradient, and every output row of a token with a
+kept assignment written (nonzero).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vmoe.config import MoEConfig, RouterConfig
+from vmoe.layers import compute_dtype
+from vmoe.moe import MoEMlp, routing_chunks
+
+# ----------------------------------------------------------------------------------------- shapes
+
+
+@dataclass
+class Shapes:
+    batch: int
+    tokens: int
+    dim: int
+    hidden: int
+    num_experts: int
+    k: int = 2
+    capacity_factor: float = 1.05
+    group_size: int = 8
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch * self.tokens
+
+    @property
+    def floor_rows(self) -> int:
+        """k * C * N, the rows of expert work at the nominal capacity factor (PERF.md)."""
+        return round(self.k * self.capacity_factor * self.num_tokens)
+
+
+def make_layer(s: Shapes, *, dispatch: str = "index", bpr: bool = False) -> MoEMlp:
+    cfg = MoEConfig(
+        router=RouterConfig(
+            num_experts=s.num_experts, num_selected=s.k, capacity_factor=s.capacity_factor, batch_priority=bpr
+        ),
+        group_size=s.group_size,
+        dispatch=dispatch,
+        expert_init="independent",
+    )
+    return MoEMlp(s.dim, s.hidden, cfg)
+
+
+def buffer_rows(layer: MoEMlp, s: Shapes) -> int:
+    """E * R: the rows the experts actually run (capacity rounded up to a multiple of 4)."""
+    from vmoe.moe import effective_capacity
+
+    rows = 0
+    for _, groups, images in routing_chunks(s.batch, s.group_size):
+        rows += groups * effective_capacity(images * s.tokens, layer.cfg.router, warn=False)
+    return rows * s.num_experts
+
+
+# --------------------------------------------------------------------------------------- variants
+
+
+class DenseMlp(torch.nn.Module):
+    """The floor: Linear(D, M) -> tanh-GELU -> Linear(M, D)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(dim, hidden)
+        self.fc2 = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def loop_forward(layer: MoEMlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What most people write: route, then for each expert gather its tokens by mask, MLP, scatter."""
+    B, T, D = x.shape
+    xf = x.reshape(B * T, D)
+    outs = []
+    for first, groups, images in routing_chunks(B, layer.cfg.group_size):
+        xc = xf[first * T : (first + groups * images) * T].view(groups, images * T, D)
+        outs.append(layer.router(xc, first_image=first, tokens_per_image=T))
+    K = layer.cfg.router.num_selected
+    expert = torch.cat([o.routing.expert_index.reshape(-1, K) for o in outs])  # (N, K)
+    kept = torch.cat([o.routing.kept.reshape(-1, K) for o in outs])
+    weights = torch.cat([o.routing.weights.reshape(-1, K) for o in outs])
+    ex = layer.experts
+    # unbind = separate per-expert weights, as a ModuleList of experts would have (no E-sized zero grads)
+    w1, b1, w2, b2 = (t.unbind(0) for t in (ex.w1, ex.b1, ex.w2, ex.b2))
+    y = torch.zeros(xf.shape, dtype=compute_dtype(xf), device=xf.device)
+    for e in range(layer.num_experts):
+        tok, kk = torch.nonzero((expert == e) & kept, as_tuple=True)
+        h = F.gelu(torch.addmm(b1[e], xf[tok], w1[e]), approximate="tanh")
+        o = torch.addmm(b2[e], h, w2[e])
+        y = y.index_add(0, tok, o * weights[tok, kk].unsqueeze(-1).to(o.dtype))
+    aux = torch.cat([o.aux_loss for o in outs]).mean()
+    return y.view(B, T, D), aux
+
+
+def _peer_fairscale(s: Shapes, device: torch.device) -> Callable[[torch.Tensor], Any] | None:
+    try:
+        import torch.distributed as dist
+        from fairscale.nn import MOELayer, Top2Gate
+    except Exception:
+        return None
+    try:
+        if not dist.is_initialized():
+            import tempfile
+
+            fd, store = tempfile.mkstemp()
+            os.close(fd)
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+        gate = Top2Gate(s.dim, s.num_experts)
+        experts = torch.nn.ModuleList(DenseMlp(s.dim, s.hidden) for _ in range(s.num_experts))
+        layer = MOELayer(gate, experts).to(device)
+    except Exception as exc:  # a peer that cannot be built is left out, never reported as null
+        print(f"fairscale left out: {exc!r}", file=sys.stderr)
+        return None
+
+    def run(x: torch.Tensor) -> Any:
+        return layer(x), layer.l_aux
+
+    run.module = layer  # type: ignore[attr-defined]
+    return run
+
+
+def _peer_tutel(s: Shapes, device: torch.device, bpr: bool) -> Callable[[torch.Tensor], Any] | None:
+    try:
+        from tutel import moe as tutel_moe
+    except Exception:
+        return None
+    try:
+        layer = tutel_moe.moe_layer(
+            gate_type={
+                "type": "top",
+                "k": s.k,
+                "capacity_factor": s.capacity_factor,
+                "fp32_gate": True,
+                "gate_noise": 1.0 / s.num_experts,
+            },
+            model_dim=s.dim,
+            experts={
+                "type": "ffn",
+                "count_per_node": s.num_experts,
+                "hidden_size_per_expert": s.hidden,
+                "activation_fn": lambda t: F.gelu(t, approximate="tanh"),
+            },
+            batch_prioritized_routing=bpr,
+            scan_expert_func=None,
+        ).to(device)
+    except Exception as exc:
+        print(f"tutel left out: {exc!r}", file=sys.stderr)
+        return None
+
+    def run(x: torch.Tensor) -> Any:
+        return layer(x), layer.l_aux
+
+    run.module = layer  # type: ignore[attr-defined]
+    return run
+
+
+# ------------------------------------------------------------------------------------ correctness
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """True float32 matmuls for the reference (TF32 is off by default; make sure)."""
+    try:
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+    except Exception:  # an API torch may drop: then leave the default (off)
+        prev = None
+    try:
+        yield
+    finally:
+        if prev is not None:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def check_correctness(
+    s: Shapes, device: torch.device, *, amp: bool, tol: float = 1e-2, seed: int = 0
+) -> dict[str, float]:
+    """Check the fast path (index dispatch, ``amp``: bf16 autocast) against a float32 einsum reference.
+
+    Same weights, same input, eval-mode routing (no noise, so both route identically up to the
+    router's float32 logits, computed outside autocast). Raises ``AssertionError`` on a relative
+    error above ``tol`` in the output or any gradient, a non-finite value, or an output row of a
+    token with a kept assignment that was never written (all zeros). Returns the errors.
+    """
+    torch.manual_seed(seed)
+    fast = make_layer(s, dispatch="index").to(device).eval()
+    ref = make_layer(s, dispatch="einsum").to(device).eval()
+    ref.load_state_dict(fast.state_dict())
+    ref.record_routing = True
+    x = torch.randn(s.batch, s.tokens, s.dim, device=device)
+    gy = torch.randn_like(x)
+    params = [n for n, _ in fast.named_parameters()]
+
+    def grads(layer: MoEMlp, use_amp: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            y, aux = layer(xi)
+        inputs = [xi, *layer.parameters()]
+        g = torch.autograd.grad(
+            (y, aux["aux_loss"]), inputs, (gy.to(y.dtype), torch.ones_like(aux["aux_loss"]))
+        )
+        return y.detach().float(), [t.float() for t in g]
+
+    with _no_tf32():
+        y_ref, g_ref = grads(ref, False)
+    y_fast, g_fast = grads(fast, amp)
+    assert ref.last_routing is not None
+    any_kept = ref.last_routing["kept"].any(-1).reshape(-1)  # (N,)
+    yf = y_fast.reshape(-1, s.dim)
+    assert torch.isfinite(yf).all(), "non-finite output"
+    unwritten = int((yf[any_kept] == 0).all(-1).sum())
+    assert unwritten == 0, f"{unwritten} output rows of kept tokens are all zero (never written)"
+    assert bool((yf[~any_kept] == 0).all()), "tokens with every assignment dropped must get 0"
+    errors = {"y": _rel(y_fast, y_ref)}
+    for name, a, b in zip(["x", *params], g_fast, g_ref):
+        assert torch.isfinite(a).all(), f"non-finite gradient of {name}"
+        errors[f"grad_{name}"] = _rel(a, b)
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"fast path differs from the float32 reference by more than {tol}: {bad}"
+    return errors
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+class Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def build_variants(s: Shapes, device: torch.device, amp: bool, peers: bool) -> dict[str, Callable[[], Any]]:
+    """name -> a zero-argument step (fwd+bwd, or forward only for ``*_fwd``)."""
+    torch.manual_seed(0)
+    x = torch.randn(s.batch, s.tokens, s.dim, device=device)
+    x_req = x.clone().requires_grad_(True)
+    gy = torch.randn_like(x)
+    floor_mlp = DenseMlp(s.dim, s.hidden).to(device)
+    xr = torch.randn(s.floor_rows, s.dim, device=device)
+    xr_req = xr.clone().requires_grad_(True)
+    gr = torch.randn_like(xr)
+    layers = {
+        "vmoe": make_layer(s).to(device),
+        "vmoe_einsum": make_layer(s, dispatch="einsum").to(device),
+        "vmoe_bpr": make_layer(s, bpr=True).to(device),
+    }
+    for lay in layers.values():
+        lay.load_state_dict(layers["vmoe"].state_dict())
+    loop_layer = make_layer(s).to(device)
+    loop_layer.load_state_dict(layers["vmoe"].state_dict())
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+    def train_step(
+        module: torch.nn.Module, fwd: Callable[[torch.Tensor], Any], inp: torch.Tensor, g: torch.Tensor
+    ):
+        def step() -> Any:
+            module.train()
+            with autocast():
+                out = fwd(inp)
+            outs, grads = (
+                ((out[0], out[1]), (g, torch.ones_like(out[1]))) if isinstance(out, tuple) else ((out,), (g,))
+            )
+            outs = tuple(o.reshape(-1) if o.dim() == 0 else o for o in outs)
+            grads = tuple(
+                gg.reshape(-1).to(o.dtype) if gg.dim() == 0 else gg.to(o.dtype) for gg, o in zip(grads, outs)
+            )
+            torch.autograd.grad(outs, [inp, *module.parameters()], grads, allow_unused=True)
+            return out
+
+        return step
+
+    def fwd_step(module: torch.nn.Module, fwd: Callable[[torch.Tensor], Any], inp: torch.Tensor):
+        def step() -> Any:
+            module.eval()
+            with torch.inference_mode(), autocast():
+                return fwd(inp)
+
+        return step
+
+    def moe_call(layer: MoEMlp) -> Callable[[torch.Tensor], Any]:
+        def call(inp: torch.Tensor) -> Any:
+            y, aux = layer(inp)
+            return y, aux["aux_loss"]
+
+        return call
+
+    variants: dict[str, Callable[[], Any]] = {}
+    variants["floor"] = train_step(floor_mlp, floor_mlp, xr_req, gr)
+    for name, lay in layers.items():
+        variants[name] = train_step(lay, moe_call(lay), x_req, gy)
+    variants["loop"] = train_step(loop_layer, lambda t: loop_forward(loop_layer, t), x_req, gy)
+    variants["floor_fwd"] = fwd_step(floor_mlp, floor_mlp, xr)
+    for name, lay in layers.items():
+        variants[f"{name}_fwd"] = fwd_step(lay, moe_call(lay), x)
+    variants["loop_fwd"] = fwd_step(loop_layer, lambda t: loop_forward(loop_layer, t), x)
+    if peers:
+        fs = _peer_fairscale(s, device)
+        if fs is not None:
+            # fairscale's MOELayer takes (tokens, D); fp32 weights under autocast, as it requires.
+            variants["fairscale"] = train_step(fs.module, fs, x_req, gy)  # type: ignore[attr-defined]
+        for bpr in (False, True):
+            tu = _peer_tutel(s, device, bpr)
+            if tu is not None:
+                variants["tutel_bpr" if bpr else "tutel"] = train_step(tu.module, tu, x_req, gy)  # type: ignore[attr-defined]
+    return variants
+
+
+def _written(out: Any) -> None:
+    y = out[0] if isinstance(out, tuple) else out
+    if not bool(torch.isfinite(y).all()) or not bool((y != 0).any()):
+        raise AssertionError("a timed variant produced non-finite or all-zero output")
+
+
+def bench(
+    s: Shapes,
+    device: torch.device,
+    *,
+    amp: bool,
+    warmup: int,
+    repeats: int,
+    peers: bool,
+    only: set[str] | None = None,
+) -> list[dict[str, Any]]:
+    variants = build_variants(s, device, amp, peers)
+    if only:
+        variants = {n: f for n, f in variants.items() if n in only or n in ("floor", "floor_fwd")}
+    timer = Timer(device)
+    for _ in range(warmup):
+        for fn in variants.values():
+            _written(fn())
+    times: dict[str, list[float]] = {n: [] for n in variants}
+    peak: dict[str, int] = {}
+    for r in range(repeats):
+        for name, fn in variants.items():  # interleaved: noise hits every row alike
+            if device.type == "cuda" and r == 0:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            times[name].append(timer(fn))
+            if device.type == "cuda" and r == 0:
+                peak[name] = torch.cuda.max_memory_allocated() - base
+    rows = []
+    for name, ts in times.items():
+        floor = "floor_fwd" if name.endswith("_fwd") else "floor"
+        ms = statistics.median(ts)
+        # Median over rounds of (this row / the floor in the same round): robust to a shared, noisy CPU.
+        ratio = statistics.median(t / f for t, f in zip(ts, times[floor]))
+        row: dict[str, Any] = {"name": name, "ms": round(ms, 4), "ratio_to_floor": round(ratio, 4)}
+        row["num_experts"] = s.num_experts
+        if peak:
+            row["peak_mem_mib"] = round(peak[name] / 2**20, 1)
+            row["mem_ratio_to_floor"] = round(peak[name] / max(peak[floor], 1), 3)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    mem = any("peak_mem_mib" in r for r in rows)
+    head = f"{'E':>3} {'name':<16} {'ms':>10} {'ratio_to_floor':>15}" + (
+        f" {'peak MiB':>10} {'mem ratio':>10}" if mem else ""
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        line = f"{r['num_experts']:>3} {r['name']:<16} {r['ms']:>10.3f} {r['ratio_to_floor']:>15.3f}"
+        if mem:
+            line += f" {r.get('peak_mem_mib', float('nan')):>10.1f} {r.get('mem_ratio_to_floor', float('nan')):>10.3f}"
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--num-experts", type=int, nargs="+", default=None, help="default: 8 on CPU, 8 32 on CUDA")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (median); default 10 CPU, 20 CUDA")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
+    p.add_argument("--small", action="store_true", help="tiny shapes: a quick self-test of the whole script")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    p.add_argument("--no-peers", action="store_true", help="leave out fairscale/tutel even if importable")
+    p.add_argument("--only", default=None, help="comma-separated rows to time (floors are always kept)")
+    p.add_argument(
+        "--amp", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
+    )
+    a = p.parse_args(argv)
+
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    cuda = device.type == "cuda"
+    amp = a.amp == "bf16" or (a.amp == "auto" and cuda)
+    if not cuda:
+        torch.set_num_threads(a.threads)
+    if a.small:
+        base = dict(batch=12, tokens=17, dim=32, hidden=64, group_size=8)  # 12 = a full group + a partial one
+    elif cuda:
+        base = dict(batch=256, tokens=197, dim=768, hidden=3072)  # V-MoE-B/16
+    else:
+        base = dict(batch=64, tokens=65, dim=192, hidden=768)  # V-MoE-Ti layer
+    experts = a.num_experts or ([8, 32] if cuda else [8])
+    repeats = a.repeats or (3 if a.small else 20 if cuda else 10)
+    warmup = a.warmup if a.warmup is not None else (1 if a.small else 5 if cuda else 2)
+
+    config: dict[str, Any] = {
+        **base,
+        "k": 2,
+        "capacity_factor": 1.05,
+        "num_experts": experts,
+        "dtype": "bf16 autocast" if amp else "fp32",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "warmup": warmup,
+        "timing": "cuda events" if cuda else "perf_counter",
+        "fwd_rows": "eval mode, inference_mode",
+        "floor": "dense MLP (Linear, tanh-GELU, Linear) over round(k*C*N) rows",
+        "ratio": "median over rounds of row_ms / floor_ms in the same round (rows interleaved)",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "loadavg_start": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+    if cuda:
+        config["gpu"] = torch.cuda.get_device_name(device)
+        config["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    rows: list[dict[str, Any]] = []
+    checks: dict[str, Any] = {}
+    for E in experts:
+        s = Shapes(num_experts=E, **base)
+        config[f"buffer_rows_E{E}"] = buffer_rows(make_layer(s), s)
+        config["floor_rows"] = s.floor_rows
+        if not a.no_check:
+            # On CUDA at the timed shapes; on CPU at small shapes (same code path as far as CPU allows).
+            cs = s if (cuda or a.small) else Shapes(num_experts=E, batch=12, tokens=17, dim=32, hidden=64)
+            errs = check_correctness(cs, device, amp=amp)
+            checks[f"E{E}"] = {"max_rel_err": max(errs.values()), "shapes": cs.__dict__}
+            print(f"E={E}: correctness ok, max relative error {max(errs.values()):.2e}", flush=True)
+        if cuda:
+            torch.cuda.empty_cache()
+        rows += bench(
+            s,
+            device,
+            amp=amp,
+            warmup=warmup,
+            repeats=repeats,
+            peers=not a.no_peers,
+            only=set(a.only.split(",")) if a.only else None,
+        )
+    config["checks"] = checks
+    if hasattr(os, "getloadavg"):
+        config["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    result = {"device": str(device), "config": config, "results": rows}
+    print_table(rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""The MoE layer end to end: per-token reference, backends agree, router noise/dtype/losses, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmoe import rng
+from vmoe.config import MoEConfig, RouterConfig
+from vmoe.moe import Experts, MoEMlp, TopKRouter, importance_loss, routing_chunks
+from vmoe.moe.dispatch import EinsumDispatcher, IndexDispatcher
+from vmoe.moe.routing import Routing
+
+pytestmark = pytest.mark.filterwarnings("ignore:capacity rounding")
+
+AUX_KEYS = {
+    "aux_loss",
+    "importance_loss",
+    "load_loss",
+    "dropped_fraction",
+    "expert_load",
+    "assignments_per_image",
+    "tokens_per_image",
+    "capacity",
+}
+
+
+def _layer(
+    E=4, k=2, C=1.0, group_size=2, bpr=False, priority="max", dispatch="index", D=8, M=12, seed=0, **router
+) -> MoEMlp:
+    torch.manual_seed(seed)
+    cfg = MoEConfig(
+        router=RouterConfig(
+            num_experts=E, num_selected=k, capacity_factor=C, batch_priority=bpr, priority=priority, **router
+        ),
+        group_size=group_size,
+        dispatch=dispatch,
+        expert_init="independent",
+    )
+    layer = MoEMlp(D, M, cfg).double()
+    with torch.no_grad():  # biases visible in the output (init is ~1e-6)
+        layer.experts.b1.normal_()
+        layer.experts.b2.normal_()
+    return layer
+
+
+def _reference(layer: MoEMlp, x: torch.Tensor) -> torch.Tensor:
+    """Explicit per-token loop: y[t] = sum over kept assignments of gate * expert_e(x[t])."""
+    r = layer.last_routing
+    assert r is not None
+    B, T, _ = x.shape
+    ex = layer.experts
+    y = torch.zeros_like(x)
+    for b in range(B):
+        for t in range(T):
+            for j in range(r["expert_index"].shape[-1]):
+                if not r["kept"][b, t, j]:
+                    continue
+                e = int(r["expert_index"][b, t, j])
+                h = F.gelu(x[b, t] @ ex.w1[e] + ex.b1[e], approximate="tanh")
+                y[b, t] += r["gates"][b, t, e] * (h @ ex.w2[e] + ex.b2[e])
+    return y
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 5),
+    T=st.integers(1, 6),
+    group_size=st.integers(1, 4),
+    E=st.integers(1, 5),
+    data=st.data(),
+    C=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
+    bpr=st.booleans(),
+    priority=st.sampled_from(["max", "sum"]),
+    dispatch=st.sampled_from(["index", "einsum"]),
+    training=st.booleans(),
+)
+def test_layer_matches_per_token_reference(B, T, group_size, E, data, C, bpr, priority, dispatch, training):
+    k = data.draw(st.integers(1, E), label="k")
+    layer = _layer(
+        E=E,
+        k=k,
+        C=C,
+        group_size=group_size,
+        bpr=bpr,
+        priority=priority,
+        dispatch=dispatch,
+        capacity_multiple_of=data.draw(st.sampled_from([0, 4]), label="mult"),
+    )
+    layer.train(training)
+    layer.record_routing = True
+    x = torch.randn(B, T, 8, dtype=torch.float64)
+    y, aux = layer(x)
+    assert y.dtype == torch.float64 and y.shape == x.shape
+    torch.testing.assert_close(y, _reference(layer, x), rtol=1e-10, atol=1e-12)
+    assert set(aux) == AUX_KEYS
+    kept = layer.last_routing["kept"]
+    assert aux["assignments_per_image"].tolist() == kept.sum((1, 2)).double().tolist()
+    assert aux["tokens_per_image"].tolist() == kept.any(-1).sum(-1).double().tolist()
+    assert aux["dropped_fraction"].item() == pytest.approx(1 - kept.double().mean().item())
+    assert not (y.view(-1, 8)[~kept.any(-1).view(-1)]).any()  # fully dropped tokens get exactly 0
+
+
+def _grads(layer: MoEMlp, x: torch.Tensor, gy: torch.Tensor):
+    xi = x.clone().requires_grad_(True)
+    y, aux = layer(xi)
+    loss = (y * gy).sum() + aux["aux_loss"]
+    grads = torch.autograd.grad(loss, [xi, *layer.parameters()])
+    return y, aux, grads
+
+
+@pytest.mark.parametrize("B,group_size", [(7, 3), (2, 4), (6, 2)])  # partial last group; B < group; even
+@pytest.mark.parametrize("bpr", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_einsum_and_index_backends_agree(B, group_size, bpr, training):
+    T, E = 5, 4
+    idx = _layer(E=E, C=0.75, group_size=group_size, bpr=bpr)  # C < 1: drops happen
+    ein = _layer(E=E, C=0.75, group_size=group_size, bpr=bpr, dispatch="einsum")
+    ein.load_state_dict(idx.state_dict())
+    idx.train(training)
+    ein.train(training)
+    x = torch.randn(B, T, 8, dtype=torch.float64)
+    gy = torch.randn_like(x)
+    with rng.positional_rng(seed=3):  # identical router noise in both
+        y_i, aux_i, g_i = _grads(idx, x, gy)
+        y_e, aux_e, g_e = _grads(ein, x, gy)
+    torch.testing.assert_close(y_i, y_e, rtol=1e-12, atol=1e-12)
+    assert aux_i["dropped_fraction"] > 0
+    for key in ("aux_loss", "importance_loss", "load_loss", "dropped_fraction", "assignments_per_image"):
+        torch.testing.assert_close(aux_i[key], aux_e[key], rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_i, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # Identical buffers and kept set (same routing plans, both backends).
+    with torch.no_grad():
+        xf = x.reshape(B * T, 8)
+        outs = [
+            idx.router(xf[f * T : (f + g * n) * T].view(g, n * T, 8), first_image=f, tokens_per_image=T)
+            for f, g, n in routing_chunks(B, group_size)
+        ]
+    routings = [o.routing for o in outs]
+    di, de = IndexDispatcher(routings), EinsumDispatcher(routings)
+    assert torch.equal(di.buffer_tokens(), de.buffer_tokens())
+    bi, be = di.dispatch(xf), de.dispatch(xf)
+    assert bi.shape == be.shape == (E, di.rows_per_expert, 8)
+    torch.testing.assert_close(bi, be, rtol=0, atol=0)
+    yb = torch.randn_like(bi)
+    torch.testing.assert_close(di.combine(yb), de.combine(yb), rtol=1e-12, atol=1e-12)
+    # Buffer rows hold exactly the kept assignments.
+    kept = sum(int(r.kept.sum()) for r in routings)
+    assert int((di.buffer_tokens() >= 0).sum()) == kept
+    # Both ways of zeroing empty rows (pad: the default off the CPU), with autograd, equal the einsum.
+    _check_dispatch_autograd(routings, xf)
+
+
+def _check_dispatch_autograd(routings, xf: torch.Tensor) -> None:
+    results = []
+    for make in (
+        lambda rs: IndexDispatcher(rs, pad=True),
+        lambda rs: IndexDispatcher(rs, pad=False),
+        EinsumDispatcher,
+    ):
+        xi = xf.clone().requires_grad_(True)
+        w = torch.cat([r.weights.reshape(-1, r.num_selected) for r in routings]).clone().requires_grad_(True)
+        chunks, start = [], 0  # the same plans, with differentiable combine weights
+        for r in routings:
+            n = r.weights.numel() // r.num_selected
+            wr = w[start : start + n].view_as(r.weights)
+            start += n
+            chunks.append(Routing(r.expert_index, r.slot, r.kept, wr, r.num_experts, r.capacity))
+        d = make(chunks)
+        buf = d.dispatch(xi)
+        y = torch.tanh(buf) * 2 + 1  # nonzero in empty rows: combine must ignore them
+        out = d.combine(y)
+        gout = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        results.append((buf.detach(), out.detach(), *torch.autograd.grad(out, [xi, w], gout)))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_experts_packed_rows_equal_full_batched(dropout):
+    # Computing only the filled rows (per-expert matmuls) = the batched path on those rows, 0 elsewhere,
+    # including positional dropout masks and all gradients.
+    torch.manual_seed(0)
+    ex = Experts(3, 4, 6, dropout=dropout, init="independent").double()
+    buf = torch.randn(3, 5, 4, dtype=torch.float64)
+    filled = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    rows = torch.arange(15).view(3, 5)
+    res = []
+    for pack in (True, False):
+        ex.pack_rows = pack
+        b = buf.clone().requires_grad_(True)
+        with rng.positional_rng(seed=1):
+            y = ex(b, rows, filled=filled)
+        y = torch.where(filled.unsqueeze(-1), y, torch.zeros_like(y))
+        res.append((y, *torch.autograd.grad(y.square().sum(), [b, *ex.parameters()])))
+    assert not res[0][0][~filled].any()
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_layer_packed_and_batched_experts_agree(pack):
+    layer = _layer(E=4, C=0.75, group_size=2)
+    ref = _layer(E=4, C=0.75, group_size=2, dispatch="einsum")
+    ref.load_state_dict(layer.state_dict())
+    layer.experts.pack_rows = pack
+    ref.experts.pack_rows = not pack
+    x = torch.randn(5, 6, 8, dtype=torch.float64)
+    gy = torch.randn_like(x)
+    with rng.positional_rng(seed=2):  # same router noise for both
+        ga, gb = _grads(layer, x, gy)[2], _grads(ref, x, gy)[2]
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------- router
+
+
+def _router(E=4, k=2, D=6, **kw) -> TopKRouter:
+    torch.manual_seed(0)
+    return TopKRouter(D, RouterConfig(num_experts=E, num_selected=k, **kw))
+
+
+def test_router_noise_only_in_training():
+    router = _router()
+    x = torch.randn(2, 10, 6)
+    router.eval()
+    a, b = router(x), router(x)
+    clean = torch.softmax(router.logits(x), -1)
+    assert torch.equal(a.gates, clean) and torch.equal(b.gates, clean)
+    assert torch.equal(a.metrics["load_loss"], torch.zeros(2))
+    router.train()
+    c = router(x)
+    assert not torch.allclose(c.gates, clean)
+    assert (c.metrics["load_loss"] > 0).all()
+
+
+@pytest.mark.parametrize("E,noise_std", [(4, 1.0), (8, 2.0)])
+def test_router_noise_std_is_noise_std_over_E(E, noise_std):
+    router = _router(E=E, k=1, noise_std=noise_std, capacity_factor=None)
+    with torch.no_grad():
+        router.weight.zero_()  # logits are 0: the gates are softmax(noise)
+    router.train()
+    torch.manual_seed(1)
+    out = router(torch.randn(1, 40_000, 6))
+    logg = out.gates.double().log()[0]  # = noise - logsumexp(noise)
+    diff = logg[:, 1:] - logg[:, :1]  # noise_e - noise_0, variance 2 sigma^2
+    sigma = (diff.var(dim=0).mean() / 2).sqrt().item()
+    assert sigma == pytest.approx(noise_std / E, rel=0.02)
+    assert abs(diff.mean().item()) < 0.02 * noise_std / E * 5
+
+
+def test_router_logits_fp32_under_cpu_autocast():
+    router = _router()
+    x = torch.randn(2, 5, 6)
+    ref = x @ router.weight.t()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = router.logits(x)
+        logits_bf16_in = router.logits(x.bfloat16())
+        out = router(x)
+        plain = F.linear(x, router.weight)
+    assert plain.dtype == torch.bfloat16  # autocast is really on
+    assert logits.dtype == torch.float32 and logits_bf16_in.dtype == torch.float32
+    torch.testing.assert_close(logits, ref, rtol=1e-6, atol=1e-6)
+    assert out.gates.dtype == torch.float32 and out.routing.weights.dtype == torch.float32
+    # The whole layer under autocast: gates (combine weights) stay fp32.
+    layer = _layer().float()
+    layer.record_routing = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.randn(4, 3, 8))
+    assert layer.last_routing["gates"].dtype == torch.float32
+
+
+def test_router_aux_loss_weights():
+    router = _router(E=4)
+    x = torch.randn(3, 12, 6)
+    router.train()
+    out = router(x)
+    imp = importance_loss(torch.softmax(router.logits(x), -1))  # clean gates
+    torch.testing.assert_close(out.metrics["importance_loss"], imp)
+    assert (out.metrics["load_loss"] > 0).all()
+    torch.testing.assert_close(out.aux_loss, 0.005 * imp + 0.005 * out.metrics["load_loss"])
+    router.eval()
+    out = router(x)
+    torch.testing.assert_close(out.aux_loss, 0.005 * imp)
+    # The layer's aux_loss is the mean over groups.
+    layer = _layer(group_size=1)
+    layer.eval()
+    xl = torch.randn(3, 4, 8, dtype=torch.float64)
+    _, aux = layer(xl)
+    per_group = importance_loss(torch.softmax(layer.router.logits(xl), -1))  # (3,) one image each
+    torch.testing.assert_close(aux["aux_loss"], 0.005 * per_group.mean())
+
+
+def test_router_positional_noise_reproducible():
+    router = _router()
+    router.train()
+    x = torch.randn(4, 10, 6)
+    with rng.positional_rng(seed=11):
+        a = router(x).gates
+    with rng.positional_rng(seed=11):
+        b = router(x).gates
+    with rng.positional_rng(seed=12):
+        c = router(x).gates
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with rng.positional_rng(seed=11, image_offset=5):
+        d = router(x).gates
+    assert not torch.equal(a, d)
+    # Half the batch with image_offset reproduces the full batch's noise rows (layer, groups of 2 images).
+    layer = _layer(group_size=2).float()
+    layer.train()
+    layer.record_routing = True
+    xb = torch.randn(4, 5, 8)
+    with rng.positional_rng(seed=5):
+        layer(xb)
+    full = layer.last_routing["gates"]
+    with rng.positional_rng(seed=5, image_offset=2):
+        layer(xb[2:])
+    half = layer.last_routing["gates"]
+    torch.testing.assert_close(half, full[2:], rtol=0, atol=0)
+    with rng.positional_rng(seed=5, image_offset=0):
+        layer(xb[2:])
+    assert not torch.equal(layer.last_routing["gates"], full[2:])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_layer_bad_input():
+    layer = _layer()
+    with pytest.raises(ValueError, match=r"\(4, 8\)"):
+        layer(torch.randn(4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\(1, 2, 3, 8\)"):
+        layer(torch.randn(1, 2, 3, 8, dtype=torch.float64))
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"group_size.*got {bad}"):
+            MoEConfig(group_size=bad)
+        with pytest.raises(ValueError, match=f"group_size.*got {bad}"):
+            routing_chunks(4, bad)
+    with pytest.raises(ValueError, match=r"\(10, 6\)"):
+        _router()(torch.randn(10, 6))
+    with pytest.raises(ValueError, match="'gather'"):
+        MoEConfig(dispatch="gather")
+
+
+def test_routing_chunks():
+    assert routing_chunks(7, 3) == [(0, 2, 3), (6, 1, 1)]
+    assert routing_chunks(2, 8) == [(0, 1, 2)]
+    assert routing_chunks(8, 4) == [(0, 2, 4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_backends_agree_and_match_cpu():
+    idx = _layer(E=8, C=0.75, group_size=2).float()
+    ein = _layer(E=8, C=0.75, group_size=2, dispatch="einsum").float()
+    ein.load_state_dict(idx.state_dict())
+    x = torch.randn(5, 7, 8)
+    gy = torch.randn_like(x)
+    idx.eval()
+    ein.eval()
+    y_cpu, _, g_cpu = _grads(idx, x, gy)
+    idx.cuda()
+    ein.cuda()
+    y_i, _, g_i = _grads(idx, x.cuda(), gy.cuda())
+    y_e, _, g_e = _grads(ein, x.cuda(), gy.cuda())
+    torch.testing.assert_close(y_i, y_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_i.cpu(), y_cpu, rtol=1e-4, atol=1e-4)
+    for a, b, c in zip(g_i, g_e, g_cpu):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.cpu(), c, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_amp, _ = idx(x.cuda())
+    assert y_amp.dtype == torch.bfloat16
+    torch.testing.assert_close(y_amp.float(), y_i, rtol=5e-2, atol=5e-2)
+
+
+def test_benchmark_script_small(tmp_path):
+    # The benchmark's logic (correctness check incl. bf16 autocast, every row, JSON schema) at tiny shapes.
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "moe_layer.py"
+    spec = importlib.util.spec_from_file_location("bench_moe_layer", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "r.json"
+        mod.main(
+            ["--small", "--amp", "bf16", "--repeats", "1", "--warmup", "1", "--json", str(out), "--no-peers"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu" and res["config"]["dtype"] == "bf16 autocast"
+    names = {r["name"] for r in res["results"]}
+    assert {"floor", "vmoe", "vmoe_einsum", "vmoe_bpr", "loop", "floor_fwd", "vmoe_fwd"} <= names
+    assert all(r["ms"] > 0 and r["ratio_to_floor"] > 0 for r in res["results"])
+    assert res["config"]["checks"]["E8"]["max_rel_err"] <= 1e-2
