@@ -132,18 +132,14 @@ def analyze(
             )
             if r == 0:
                 ax.set_title(f"block {i}: expert", fontsize=7)
-            kept = bpr[i]["kept"][r, prefix:].any(-1).reshape(gh, gw).numpy()
+            # Share of each patch's k assignments that BPR keeps: 1 = all, 0 = dropped entirely.
+            kept = bpr[i]["kept"][r, prefix:].float().mean(-1).reshape(gh, gw).numpy()
             ax = axes[r][2 + 2 * j]
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=(0, gw, gh, 0))
-            ax.imshow(
-                np.where(kept, np.nan, 0.0),
-                cmap="gray",
-                vmin=0,
-                vmax=1,
-                alpha=0.75,
-                extent=(0, gw, gh, 0),
-                interpolation="nearest",
-            )
+            shade = np.zeros((gh, gw, 4))
+            shade[..., 0] = 0.85  # patches that lost all assignments are covered in red, partly dropped ones lightly
+            shade[..., 3] = 0.8 * (1.0 - kept)
+            ax.imshow(shade, extent=(0, gw, gh, 0), interpolation="nearest")
             if r == 0:
                 ax.set_title(f"block {i}: BPR keeps\n(C={capacity_factor})", fontsize=7)
     for ax in axes.flat:
@@ -239,7 +235,8 @@ def analyze(
         "![routing examples](routing_examples.png)",
         "",
         "Left: test image. Then, per MoE block: the top-1 expert of each patch (colour), and the patches",
-        f"that batch-prioritized routing keeps at C = {capacity_factor} (dropped patches greyed).",
+        f"that batch-prioritized routing keeps at C = {capacity_factor}: a patch covered in red lost all its",
+        "expert assignments (only the residual carries it), a light red one lost some of them.",
         "",
         "| block | dropped (model C) | dropped at C, BPR | dropped at C, vanilla | patches kept / image at C (BPR) |",
         "|---|---|---|---|---|",

@@ -38,27 +38,32 @@ def get_recipe(name: str) -> TrainConfig:
 def default() -> TrainConfig:
     """The main job: a tiny V-MoE on scikit-learn's 8x8 digits (built in, no download), minutes on 2 CPU cores.
 
-    Digits are upsampled to 16x16 and cut into 2x2 patches: 64 patches + class token, so routing
-    has enough patches per image for capacity and BPR to matter. 4 blocks of width 128, the MLPs
-    of blocks 1 and 3 are MoE layers with 8 experts, k=2 (the paper's every-2 placement).
+    Digits are upsampled to 12x12 and cut into 2x2 patches: 36 patches + class token (296 tokens
+    per routing group of 8 images), enough for capacity and BPR to matter, while an epoch of the
+    1437 training images takes seconds. 4 blocks of width 128, E=8 experts of MLP width 512, k=2,
+    C=1.05 as the paper. Unlike the paper's every-2 placement, *every* block's MLP is an MoE layer:
+    in a 4-block model with only two MoE layers the residual stream carries the prediction almost
+    alone, so test-time capacity hardly matters (measured: at C=0.1, 85% vs 87% accuracy), which
+    would hide what BPR does.
     """
     return TrainConfig(
         model="vmoe_ti",
         model_overrides={
             "num_layers": 4,
             "hidden_size": 128,
-            "mlp_dim": 256,
+            "mlp_dim": 512,
             "num_heads": 4,
             "patch_size": 2,
             "num_experts": 8,
             "num_selected": 2,
             "capacity_factor": 1.05,
+            "moe_layers": "every:1",
         },
         data="digits",
-        image_size=16,
+        image_size=12,
         epochs=12,
-        batch_size=64,
-        lr=2e-3,
+        batch_size=32,
+        lr=1.5e-3,
         weight_decay=0.05,
         warmup_fraction=0.05,
         schedule="cosine",
