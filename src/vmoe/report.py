@@ -52,7 +52,7 @@ def main_job(
     plot_sweep(rows, out / "sweep.png", title=f"{cfg.model} on {info.name}: accuracy vs compute at test time")
 
     log("3/3 routing analysis")
-    analysis = analyze(model, test, info, out / "analysis", capacity_factor=0.3, device=device)
+    analysis = analyze(model, test, info, out / "analysis", capacity_factor=0.5, device=device)
     elapsed = time.perf_counter() - t0
 
     def acc(c: float, k: int, b: bool) -> float:

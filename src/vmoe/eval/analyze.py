@@ -138,7 +138,7 @@ def analyze(
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=(0, gw, gh, 0))
             shade = np.zeros((gh, gw, 4))
             shade[..., 0] = 0.85  # patches that lost all assignments are covered in red, partly dropped ones lightly
-            shade[..., 3] = 0.8 * (1.0 - kept)
+            shade[..., 3] = np.where(kept == 0, 0.8, np.where(kept < 1, 0.2, 0.0))
             ax.imshow(shade, extent=(0, gw, gh, 0), interpolation="nearest")
             if r == 0:
                 ax.set_title(f"block {i}: BPR keeps\n(C={capacity_factor})", fontsize=7)
