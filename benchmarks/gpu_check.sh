@@ -3,6 +3,10 @@
 #
 #   OUT=/path/to/out bash benchmarks/gpu_check.sh        # from the repository root or anywhere
 #
+# Then benchmarks/train_throughput.py --device cuda: V-MoE-B/16 (E=8, E=32) training images/s
+# against ViT-B/16 (ours and timm's) in the same run, with the FLOP-adjusted efficiency.
+# The two benchmarks are capped at 3 + 4 minutes.
+#
 # Runs from the source tree (PYTHONPATH=src, nothing installed): prints the environment, runs the
 # CUDA unit tests when pytest is importable, then benchmarks/moe_layer.py --device cuda, which first
 # checks the fast path against a float32 reference (outputs and every gradient within 1e-2
@@ -34,6 +38,9 @@ fi
 
 echo "== benchmarks/moe_layer.py --device cuda"
 timeout 180 "$PY" benchmarks/moe_layer.py --device cuda --json "$OUT/moe_layer.json" 2>&1 | tee "$OUT/moe_layer.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "== benchmarks/train_throughput.py --device cuda (V-MoE-B/16 E=8/E=32 vs ViT-B/16, ours and timm)"
+timeout 240 "$PY" benchmarks/train_throughput.py --device cuda --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== done (status $status); results in $OUT"
 exit $status
