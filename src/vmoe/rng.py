@@ -32,8 +32,12 @@ __all__ = [
     "current",
     "hash_normal",
     "hash_uniform",
+    "logical_rshift",
     "mix_seed",
     "positional_rng",
+    "splitmix64",
+    "splitmix64_int",
+    "to_int64",
 ]
 
 _M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9 as signed int64
@@ -42,14 +46,21 @@ _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as signed int64
 _MASK64 = (1 << 64) - 1
 
 
-def _to_i64(value: int) -> int:
+def to_int64(value: int) -> int:
+    """Reinterpret a Python integer modulo 2**64 as a signed int64 value."""
     value &= _MASK64
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _srl(x: torch.Tensor, shift: int) -> torch.Tensor:
-    """Logical right shift of int64 values."""
+_to_i64 = to_int64
+
+
+def logical_rshift(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """Logical right shift of int64 values by ``shift`` (1..63) bits."""
     return (x >> shift) & ((1 << (64 - shift)) - 1)
+
+
+_srl = logical_rshift
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -59,6 +70,19 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     x = x ^ _srl(x, 27)
     x = x * _M2
     return x ^ _srl(x, 31)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 step (add the golden gamma, then finalise), elementwise on int64 tensors."""
+    return _mix(x.to(torch.int64) + _GOLDEN)
+
+
+def splitmix64_int(x: int) -> int:
+    """:func:`splitmix64` on a Python integer; returns an unsigned 64-bit integer."""
+    z = (x + _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * (_M1 & _MASK64)) & _MASK64
+    z = ((z ^ (z >> 27)) * (_M2 & _MASK64)) & _MASK64
+    return z ^ (z >> 31)
 
 
 def mix_seed(*parts: int) -> int:

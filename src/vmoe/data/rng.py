@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from vmoe.rng import logical_rshift as _lsr
+from vmoe.rng import splitmix64, splitmix64_int
+from vmoe.rng import to_int64 as _signed
+
 __all__ = [
     "STREAM_CROP",
     "STREAM_FLIP",
@@ -32,7 +36,6 @@ __all__ = [
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
-_M2 = 0x94D049BB133111EB
 
 # Stream ids: independent random streams for the different augmentation decisions.
 STREAM_PERMUTATION = 1
@@ -41,36 +44,6 @@ STREAM_CROP = 3
 STREAM_RRC = 4
 STREAM_RANDAUGMENT = 5
 STREAM_MIXUP = 6
-
-
-def _signed(x: int) -> int:
-    """Reinterpret an unsigned 64-bit integer as signed int64."""
-    x &= _MASK64
-    return x - (1 << 64) if x >= (1 << 63) else x
-
-
-def splitmix64_int(x: int) -> int:
-    """splitmix64 finaliser on a Python int; returns an unsigned 64-bit int."""
-    z = (x + _GOLDEN) & _MASK64
-    z = ((z ^ (z >> 30)) * _M1) & _MASK64
-    z = ((z ^ (z >> 27)) * _M2) & _MASK64
-    return z ^ (z >> 31)
-
-
-def _lsr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 by ``k`` (1..63) bits."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64 finaliser, elementwise on an int64 tensor (any shape, any device).
-
-    Bit-identical to :func:`splitmix64_int` (values are returned as signed int64).
-    """
-    z = x.to(torch.int64) + _signed(_GOLDEN)
-    z = (z ^ _lsr(z, 30)) * _signed(_M1)
-    z = (z ^ _lsr(z, 27)) * _signed(_M2)
-    return z ^ _lsr(z, 31)
 
 
 def hash_key(*keys: int) -> int:
