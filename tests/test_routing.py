@@ -335,3 +335,19 @@ def test_bad_input_raises_value_error():
             RouterConfig(capacity_factor=bad)
     with pytest.raises(ValueError, match="priority"):
         RouterConfig(priority="mean")
+
+
+def test_capacity_rounding_warns_once_per_setting():
+    from vmoe.moe.router import CapacityRoundingWarning, _warned, effective_capacity
+
+    cfg = RouterConfig(num_experts=4, num_selected=1, capacity_factor=0.25)
+    _warned.discard((34, 4, 1, 0.25))
+    # S=34, k=1, E=4, C=0.25: ceil(8.5 * 0.25) = 3 -> multiple of 4 = 4, an effective C of 0.47
+    with pytest.warns(CapacityRoundingWarning, match="effective C of 0.471"):
+        assert effective_capacity(34, cfg) == 4
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert effective_capacity(34, cfg) == 4  # the same setting warns only once
+        assert effective_capacity(40, RouterConfig(num_experts=4, num_selected=2, capacity_factor=1.0)) == 20

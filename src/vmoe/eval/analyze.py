@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from vmoe.moe.router import CapacityRoundingWarning
 
 __all__ = ["analyze", "collect_routing"]
 
@@ -100,10 +103,12 @@ def analyze(
     classes = list(info.classes)
 
     base = collect_routing(model, x, batch_size=batch_size)
-    with vmoe.routing_overrides(model, capacity_factor=capacity_factor, batch_priority=True):
-        bpr = collect_routing(model, x, batch_size=batch_size)
-    with vmoe.routing_overrides(model, capacity_factor=capacity_factor, batch_priority=False):
-        vanilla = collect_routing(model, x, batch_size=batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CapacityRoundingWarning)  # a small test-time C is rounded on purpose
+        with vmoe.routing_overrides(model, capacity_factor=capacity_factor, batch_priority=True):
+            bpr = collect_routing(model, x, batch_size=batch_size)
+        with vmoe.routing_overrides(model, capacity_factor=capacity_factor, batch_priority=False):
+            vanilla = collect_routing(model, x, batch_size=batch_size)
     layer_ids = sorted(base)
     E = base[layer_ids[0]]["gates"].shape[-1]
 
@@ -137,7 +142,9 @@ def analyze(
             ax = axes[r][2 + 2 * j]
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=(0, gw, gh, 0))
             shade = np.zeros((gh, gw, 4))
-            shade[..., 0] = 0.85  # patches that lost all assignments are covered in red, partly dropped ones lightly
+            shade[..., 0] = (
+                0.85  # patches that lost all assignments are covered in red, partly dropped ones lightly
+            )
             shade[..., 3] = np.where(kept == 0, 0.8, np.where(kept < 1, 0.2, 0.0))
             ax.imshow(shade, extent=(0, gw, gh, 0), interpolation="nearest")
             if r == 0:

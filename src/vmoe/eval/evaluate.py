@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vmoe.moe.router import CapacityRoundingWarning
 
 __all__ = ["DEFAULT_CAPACITIES", "evaluate", "sweep"]
 
@@ -153,7 +156,11 @@ def sweep(
 
     rows = []
     for c, k, b in tqdm(settings, desc="capacity sweep", unit="setting", disable=not progress):
-        with vmoe.routing_overrides(model, capacity_factor=c, num_selected=k, batch_priority=b):
+        with (
+            vmoe.routing_overrides(model, capacity_factor=c, num_selected=k, batch_priority=b),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore", CapacityRoundingWarning)  # small C is rounded on purpose
             res = evaluate(
                 model,
                 dataset,

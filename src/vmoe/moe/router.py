@@ -22,7 +22,12 @@ from vmoe.moe.routing import (
     z_loss,
 )
 
-__all__ = ["RouterOutput", "TopKRouter", "effective_capacity"]
+__all__ = ["CapacityRoundingWarning", "RouterOutput", "TopKRouter", "effective_capacity"]
+
+
+class CapacityRoundingWarning(UserWarning):
+    """Rounding the capacity (ceil, multiple of 4) moved the effective capacity factor by > 10%."""
+
 
 _warned: set[tuple[int, int, int, float]] = set()
 
@@ -50,6 +55,7 @@ def effective_capacity(group_tokens: int, cfg: RouterConfig, *, warn: bool = Tru
             warnings.warn(
                 f"capacity rounding: S={group_tokens}, E={cfg.num_experts}, k={cfg.num_selected}, "
                 f"C={cfg.capacity_factor} gives capacity {cap}, an effective C of {eff:.3g}",
+                CapacityRoundingWarning,
                 stacklevel=3,
             )
     return cap

@@ -61,7 +61,7 @@ def default() -> TrainConfig:
         },
         data="digits",
         image_size=12,
-        epochs=12,
+        epochs=15,
         batch_size=32,
         lr=1.5e-3,
         weight_decay=0.05,
