@@ -310,3 +310,27 @@ def test_npz_data_trains(tmp_path):
     model = vmoe.load(tmp_path / "run")
     assert model.cfg.in_chans == 1 and model.cfg.num_classes == 4
     assert res.step == 2
+
+
+def test_cli_dense_model_drops_recipe_moe_settings(tmp_path):
+    out = tmp_path / "dense"
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "vit_ti",
+                "--recipe",
+                "tiny",
+                "--steps",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    model = vmoe.load(out)
+    assert model.moe_layers() == []
+    assert model.cfg.hidden_size == 32  # the recipe's size overrides are kept

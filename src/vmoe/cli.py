@@ -50,9 +50,22 @@ def _train_config(args: argparse.Namespace) -> Any:
         pairs.append("epochs=none")
     if args.compile:
         pairs.append("compile=true")
-    if args.model is not None and args.model != cfg.model:
-        # A different model: keep only the recipe's routing/size overrides that still make sense.
-        pass
+    if args.model is not None and args.model != cfg.model and args.num_experts is None:
+        # A dense model in place of the recipe's V-MoE: drop the recipe's MoE settings, which
+        # would otherwise turn the dense model into a V-MoE.
+        import dataclasses
+
+        from vmoe.config import MoEConfig, RouterConfig
+        from vmoe.models.registry import get_config
+
+        if get_config(args.model).moe is None:
+            moe_keys = (
+                {f.name for f in dataclasses.fields(RouterConfig)}
+                | {f.name for f in dataclasses.fields(MoEConfig)}
+                | {"moe_layers", "moe", "moe_dropout"}
+            )
+            kept = {k: v for k, v in cfg.model_overrides.items() if k not in moe_keys}
+            cfg = dataclasses.replace(cfg, model_overrides=kept)
     for k, v in (("patch_size", args.patch_size), ("num_experts", args.num_experts)):
         if v is not None:
             pairs.append(f"model.{k}={v}")
