@@ -44,8 +44,9 @@ def default() -> TrainConfig:
     E=8 experts with hidden width 512, k=2, C=1.05 as the paper. Two choices make the MoE layers carry
     the model, as they do at the paper's scale, rather than the residual stream: *every* block's
     MLP is an MoE layer (with the paper's every-2 placement on 4 blocks, C=0.1 cost only 2 points,
-    measured), and the MLPs are wide against a narrow residual (8x). Measured (2026-11-28, 2 CPU
-    cores): 89% held-out accuracy; at test-time C=0.1 (k=2) 72% with BPR vs 58% vanilla.
+    measured), and the MLPs are wide against a narrow residual (8x). Measured with 15 epochs
+    (2026-11-28, 2 CPU cores, two runs): 85-89% held-out accuracy; at test-time C=0.1 (k=2) BPR
+    beats vanilla routing by 12-14 points.
     """
     return TrainConfig(
         model="vmoe_ti",
@@ -62,7 +63,7 @@ def default() -> TrainConfig:
         },
         data="digits",
         image_size=12,
-        epochs=15,
+        epochs=20,
         batch_size=32,
         lr=1.5e-3,
         weight_decay=0.05,
