@@ -95,3 +95,69 @@ def test_torchrun_expert_parallel_matches_single_process(tmp_path):
         torch.testing.assert_close(sb[k], sa[k], atol=1e-4, rtol=1e-4, msg=k)
     model = vmoe.load(tmp_path / "two")
     assert model.moe_layers()[0][1].experts.w1.shape[0] == model.cfg.moe.router.num_experts
+
+
+def test_checkpoint_from_two_processes_resumes_in_one(tmp_path):
+    """A run checkpointed by a 2-process expert-parallel job continues in one process unchanged."""
+    import shutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = [
+        "train",
+        "--recipe",
+        "tiny",
+        "--steps",
+        "5",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--checkpoint-every",
+        "3",
+        "--set",
+        "max_test=32",
+        "eval_batch_size=16",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "vmoe", *args, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr
+    run = tmp_path / "mixed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "vmoe",
+        *args,
+        "--expert-parallel",
+        "2",
+        "--out",
+        str(run),
+    ]
+    two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # Keep only the step-3 checkpoint written by the 2-process job, then resume in one process.
+    shutil.rmtree(run / "checkpoints" / "step_00000005")
+    res = subprocess.run(
+        [sys.executable, "-m", "vmoe", *args, "--out", str(run), "--resume"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "resuming from" in res.stderr and "step 3" in res.stderr
+    a, b = _losses(tmp_path / "one"), _losses(run)
+    assert sorted(b) == [1, 2, 3, 4, 5]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], abs=1e-5), s
