@@ -334,3 +334,13 @@ def test_cli_dense_model_drops_recipe_moe_settings(tmp_path):
     model = vmoe.load(out)
     assert model.moe_layers() == []
     assert model.cfg.hidden_size == 32  # the recipe's size overrides are kept
+
+
+def test_torch_compile_training_matches_eager(tmp_path):
+    """--compile trains the same model (positional noise/dropout stay outside the compiled graphs)."""
+    train(tiny_cfg("steps=3", "model.dropout=0.1"), tmp_path / "eager", progress=False)
+    train(tiny_cfg("steps=3", "model.dropout=0.1", "compile=true"), tmp_path / "compiled", progress=False)
+    a, b = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-5), s

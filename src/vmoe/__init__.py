@@ -1,6 +1,7 @@
 """vmoe: sparse Vision Mixture-of-Experts (V-MoE) in PyTorch."""
 
 from vmoe.config import ModelConfig, MoEConfig, RouterConfig
+from vmoe.interop import load_official, upcycle
 from vmoe.models import (
     VisionTransformer,
     build_model,
@@ -33,9 +34,11 @@ __all__ = [
     "gflops_per_image",
     "list_models",
     "load",
+    "load_official",
     "realized_flops_per_image",
     "resize_pos_embed",
     "routing_overrides",
     "set_routing",
     "top_experts_per_item",
+    "upcycle",
 ]

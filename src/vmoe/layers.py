@@ -50,12 +50,9 @@ def dropout(
     """
     if not training or p <= 0:
         return x
-    ctx = rng.current()
-    if ctx is None or rows is None:
+    keep = None if rows is None else rng.positional_keep_mask(stream, rows, x.shape[-1], p)
+    if keep is None:
         return F.dropout(x, p, training=True)
-    W = x.shape[-1]
-    index = rows.clamp(min=0).unsqueeze(-1) * W + torch.arange(W, device=x.device)
-    keep = rng.hash_uniform(ctx.stream_seed(stream), index) >= p
     return x * keep.to(x.dtype) / (1.0 - p)
 
 

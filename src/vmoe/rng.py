@@ -32,8 +32,11 @@ __all__ = [
     "current",
     "hash_normal",
     "hash_uniform",
+    "image_offset",
     "logical_rshift",
     "mix_seed",
+    "positional_keep_mask",
+    "positional_normal",
     "positional_rng",
     "splitmix64",
     "splitmix64_int",
@@ -86,11 +89,14 @@ def splitmix64_int(x: int) -> int:
 
 
 def mix_seed(*parts: int) -> int:
-    """Combine integers into one well-mixed 64-bit seed (a Python int in int64 range)."""
-    acc = torch.zeros((), dtype=torch.int64)
+    """Combine integers into one well-mixed 64-bit seed (a Python int in int64 range).
+
+    Pure Python (no tensors), so it costs nothing inside compiled code and never syncs.
+    """
+    acc = 0
     for p in parts:
-        acc = _mix(acc + _GOLDEN + torch.tensor(_to_i64(int(p)), dtype=torch.int64))
-    return int(acc)
+        acc = splitmix64_int((acc + (int(p) & _MASK64)) & _MASK64)
+    return to_int64(acc)
 
 
 def hash_uniform(seed: int, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -175,6 +181,52 @@ class PositionalRNG:
 
 
 _state = threading.local()
+
+
+# The three functions below are what model code calls. They read the context themselves and are
+# hidden from torch.compile (a graph break each): compiled graphs then neither bake in a step's seed
+# (which would recompile every step) nor trace the 64-bit integer hashing (which inductor cannot
+# index with).
+
+
+@torch.compiler.disable
+def image_offset() -> int | None:
+    """The active context's ``image_offset``, or None outside :func:`positional_rng`."""
+    ctx = current()
+    return None if ctx is None else ctx.image_offset
+
+
+@torch.compiler.disable
+def positional_normal(
+    stream: int,
+    shape: tuple[int, ...],
+    *,
+    items_per_image: int,
+    device: torch.device,
+    first_image: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor | None:
+    """:meth:`PositionalRNG.normal` of the active context, or None outside one."""
+    ctx = current()
+    if ctx is None:
+        return None
+    return ctx.normal(
+        stream, shape, items_per_image=items_per_image, device=device, first_image=first_image, dtype=dtype
+    )
+
+
+@torch.compiler.disable
+def positional_keep_mask(stream: int, rows: torch.Tensor, width: int, p: float) -> torch.Tensor | None:
+    """Dropout keep mask (bool, ``rows.shape + (width,)``) by global row id, or None outside a context.
+
+    Element ``[..., w]`` is kept when the hash of ``(seed, stream, rows[...] * width + w)`` is >= p;
+    negative row ids (rows that do not matter) are treated as 0.
+    """
+    ctx = current()
+    if ctx is None:
+        return None
+    index = rows.clamp(min=0).unsqueeze(-1) * width + torch.arange(width, device=rows.device)
+    return hash_uniform(ctx.stream_seed(stream), index) >= p
 
 
 def current() -> PositionalRNG | None:

@@ -361,10 +361,12 @@ class VisionTransformer(nn.Module):
 
     def _rows(self, B: int, T: int, device: torch.device) -> torch.Tensor | None:
         """Global token ids (B, T) for positional dropout, or None when not needed."""
-        ctx = rng.current()
-        if ctx is None or not self.training or self.cfg.dropout <= 0:
+        if not self.training or self.cfg.dropout <= 0:
             return None
-        img = torch.arange(B, device=device, dtype=torch.int64) + ctx.image_offset
+        offset = rng.image_offset()
+        if offset is None:
+            return None
+        img = torch.arange(B, device=device, dtype=torch.int64) + offset
         return img[:, None] * T + torch.arange(T, device=device, dtype=torch.int64)
 
     def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:

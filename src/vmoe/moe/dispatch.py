@@ -184,7 +184,8 @@ class IndexDispatcher:
 
     Args:
         routings: the chunks' routing plans, each with fields (G_c, S_c, K), in token order.
-        pad: how empty rows are made zero (see :class:`_RowMap`); default: pad off the CPU only.
+        pad: how empty rows are made zero (see :class:`_RowMap`); default: pad off the CPU, or when
+            compiled.
     """
 
     def __init__(self, routings: Sequence[Routing], *, pad: bool | None = None) -> None:
@@ -195,8 +196,8 @@ class IndexDispatcher:
         total = self.num_experts * self.rows_per_expert
         self.row_assign = _row_assignments(self.positions, total)  # (E*R,), N*K where empty
         self.sources = torch.div(self.row_assign, K, rounding_mode="floor")  # (E*R,), N where empty
-        if pad is None:
-            pad = self.positions.device.type != "cpu"
+        if pad is None:  # the host-sync-free form off the CPU, and under torch.compile (static shapes)
+            pad = self.positions.device.type != "cpu" or torch.compiler.is_compiling()
         self._to_rows = _RowMap(self.sources, self.num_tokens, pad)
         self._to_tokens = [_RowMap(self.positions[:, k], total, pad) for k in range(K)]
 

@@ -114,7 +114,12 @@ class Experts(nn.Module):
         # Auto: CPU with one thread. Packing skips ~7-13% of the rows at C=1.05 but runs ~8 small ops
         # per expert; with several threads each op is a thread barrier, and on a shared 2-core CPU
         # that cost more than it saved (benchmarks/RESULTS.md).
-        return buffers.device.type == "cpu" and torch.get_num_threads() == 1
+        # Never under torch.compile: the packed rows are data-dependent shapes.
+        return (
+            buffers.device.type == "cpu"
+            and torch.get_num_threads() == 1
+            and not torch.compiler.is_compiling()
+        )
 
     def _forward_packed(
         self,

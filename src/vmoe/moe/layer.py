@@ -119,12 +119,12 @@ class MoEMlp(nn.Module):
         # Cast before the gather (N rows) rather than in the experts (k*C*N rows); same values.
         buffers = dispatcher.dispatch(x_flat.to(compute_dtype(x_flat)))  # (E, R, D)
         rows = None
-        ctx = rng.current()
-        if self.training and self.experts.p > 0 and ctx is not None:
+        offset = rng.image_offset() if self.training and self.experts.p > 0 else None
+        if offset is not None:
             # Global id of each (token, expert) assignment: layout-independent dropout masks.
             tok = dispatcher.buffer_tokens()  # (E, R), -1 for empty slots
             expert = torch.arange(self.num_experts, device=x.device).view(-1, 1)
-            gtok = tok + ctx.image_offset * T
+            gtok = tok + offset * T
             rows = torch.where(tok >= 0, gtok * self.num_experts + expert, torch.full_like(tok, -1))
         if self.expert_comm is not None:
             local, local_rows = self.expert_comm.dispatch(buffers, rows)

@@ -135,22 +135,16 @@ class TopKRouter(nn.Module):
         sigma = cfg.noise_std / E
         noisy = self.training and sigma > 0
         if noisy:
-            ctx = rng.current()
-            if ctx is None:
-                noise = torch.randn_like(logits) * sigma
-            else:
-                T = tokens_per_image or S
-                noise = (
-                    ctx.normal(
-                        self.stream,
-                        tuple(logits.shape),
-                        items_per_image=T * E,
-                        device=logits.device,
-                        first_image=first_image,
-                        dtype=logits.dtype,
-                    )
-                    * sigma
-                )
+            T = tokens_per_image or S
+            noise = rng.positional_normal(
+                self.stream,
+                tuple(logits.shape),
+                items_per_image=T * E,
+                device=logits.device,
+                first_image=first_image,
+                dtype=logits.dtype,
+            )
+            noise = (torch.randn_like(logits) if noise is None else noise) * sigma
             noisy_logits = logits + noise
             gates = torch.softmax(noisy_logits, dim=-1)
         else:
