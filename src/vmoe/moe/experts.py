@@ -111,15 +111,11 @@ class Experts(nn.Module):
     def _pack(self, buffers: torch.Tensor) -> bool:
         if self.pack_rows is not None:
             return self.pack_rows
-        # Auto: CPU with one thread. Packing skips ~7-13% of the rows at C=1.05 but runs ~8 small ops
-        # per expert; with several threads each op is a thread barrier, and on a shared 2-core CPU
-        # that cost more than it saved (benchmarks/RESULTS.md).
-        # Never under torch.compile: the packed rows are data-dependent shapes.
-        return (
-            buffers.device.type == "cpu"
-            and torch.get_num_threads() == 1
-            and not torch.compiler.is_compiling()
-        )
+        # Auto: on the CPU, outside torch.compile (packed rows are data-dependent shapes). Packing
+        # skips the ~7-13% empty capacity slots at C=1.05 at the price of ~8 small ops per expert.
+        # On a quiet 2-core machine it is 6-16% faster with 1 or 2 threads; on a heavily shared one
+        # the small ops' thread barriers can cost more than that (benchmarks/RESULTS.md).
+        return buffers.device.type == "cpu" and not torch.compiler.is_compiling()
 
     def _forward_packed(
         self,
