@@ -518,47 +518,9 @@ def plot_accuracy(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_sweep(rows: list[dict[str, Any]], refs: list[dict[str, Any]], path: Path, title: str) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {1: "tab:blue", 2: "tab:orange"}
-    for k in sorted({r["num_selected"] for r in rows}):
-        for b in (False, True):
-            sel = sorted(
-                (r for r in rows if r["num_selected"] == k and r["batch_priority"] == b),
-                key=lambda r: r["capacity_factor"],
-            )
-            if not sel:
-                continue
-            kw = {
-                "linestyle": "-" if b else "--",
-                "color": colors.get(k),
-                "marker": "o" if b else "s",
-                "label": f"k={k}, {'BPR' if b else 'vanilla'}",
-            }
-            axes[0].plot([r["gflops_per_image"] * 1e3 for r in sel], [r["accuracy"] for r in sel], **kw)
-            axes[1].plot([r["capacity_factor"] for r in sel], [r["accuracy"] for r in sel], **kw)
-    for ref in refs:
-        axes[0].scatter(
-            [ref["gflops_per_image"] * 1e3],
-            [ref["accuracy"]],
-            marker=ref.get("marker", "*"),
-            s=130,
-            color=ref.get("color", "black"),
-            label=ref["label"],
-            zorder=5,
-        )
-        axes[1].axhline(ref["accuracy"], color=ref.get("color", "black"), lw=0.8, ls=":")
-    axes[0].set_xlabel("MFLOPs per image (realised forward)")
-    axes[1].set_xlabel("test-time capacity factor C (log)")
-    axes[1].set_xscale("log")
-    for ax in axes:
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from vmoe.eval.plots import plot_sweep as _plot
+
+    _plot(rows, path, title=title, reference=refs, unit="M", dpi=100)
 
 
 def plot_ablation(with_aux: dict[str, Any], without: dict[str, Any], path: Path) -> None:

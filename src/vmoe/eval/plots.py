@@ -46,15 +46,21 @@ def plot_sweep(
     *,
     title: str = "",
     x: str = "gflops_per_image",
-    reference: dict[str, Any] | None = None,
+    reference: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+    unit: str = "G",
+    dpi: int = 110,
 ) -> Path:
-    """Accuracy against GFLOPs per image, one line per (k, BPR): the paper's adaptive-compute figure.
+    """Accuracy against FLOPs per image, one line per (k, BPR): the paper's adaptive-compute figure.
 
-    ``reference`` (optional) adds a point, e.g. a dense baseline: ``{"label", "gflops_per_image", "accuracy"}``.
+    Left: accuracy vs realised FLOPs per image (``rows[i][x]`` in GFLOPs; ``unit="M"`` plots MFLOPs);
+    right: accuracy vs the test-time capacity factor. ``reference``: one or more extra points, e.g.
+    dense baselines, ``{"label", "gflops_per_image", "accuracy"}`` (optional ``"color"``, ``"marker"``),
+    drawn as a star on the left and a dotted accuracy line on the right.
     """
     plt = _plt()
+    scale = {"G": 1.0, "M": 1e3}[unit]
+    refs = [] if reference is None else [reference] if isinstance(reference, dict) else list(reference)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {False: "--", True: "-"}
     colors = {1: "tab:blue", 2: "tab:orange", 3: "tab:green", 4: "tab:red"}
     for k in sorted({r["num_selected"] for r in rows}):
         for b in (False, True):
@@ -64,21 +70,27 @@ def plot_sweep(
             )
             if not sel:
                 continue
-            label = f"k={k}, {'BPR' if b else 'vanilla'}"
-            kw = {"linestyle": styles[b], "color": colors.get(k), "marker": "o" if b else "s", "label": label}
-            axes[0].plot([r[x] for r in sel], [r["accuracy"] for r in sel], **kw)
+            kw = {
+                "linestyle": "-" if b else "--",
+                "color": colors.get(k),
+                "marker": "o" if b else "s",
+                "label": f"k={k}, {'BPR' if b else 'vanilla'}",
+            }
+            axes[0].plot([r[x] * scale for r in sel], [r["accuracy"] for r in sel], **kw)
             axes[1].plot([r["capacity_factor"] for r in sel], [r["accuracy"] for r in sel], **kw)
-    if reference is not None:
+    for ref in refs:
+        color = ref.get("color", "black")
         axes[0].scatter(
-            [reference["gflops_per_image"]],
-            [reference["accuracy"]],
-            marker="*",
-            s=140,
-            color="black",
-            label=reference.get("label", "reference"),
+            [ref["gflops_per_image"] * scale],
+            [ref["accuracy"]],
+            marker=ref.get("marker", "*"),
+            s=130,
+            color=color,
+            label=ref.get("label", "reference"),
             zorder=5,
         )
-    axes[0].set_xlabel("GFLOPs per image (realised, forward)")
+        axes[1].axhline(ref["accuracy"], color=color, lw=0.8, ls=":")
+    axes[0].set_xlabel(f"{unit}FLOPs per image (realised, forward)")
     axes[1].set_xlabel("capacity factor C (test time)")
     axes[1].set_xscale("log")
     for ax in axes:
@@ -91,6 +103,6 @@ def plot_sweep(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
