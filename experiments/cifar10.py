@@ -571,7 +571,6 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
 # ----------------------------------------------------------------------------- timm throughput
 def throughput_benchmark(cfg: TrainConfig, device: torch.device, batch: int) -> dict[str, Any]:
     """Training images/s of timm's ViT with our dense model's shape, our ViT and V-MoE (synthetic batches)."""
-    import torch.nn.functional as F
 
     from vmoe.models.flops import flops_per_image
 
@@ -619,31 +618,14 @@ def throughput_benchmark(cfg: TrainConfig, device: torch.device, batch: int) -> 
         capacity_factor=1.05,
         **common,
     )
+    bench = _throughput_benchmark()
+    amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
     rows = {}
     for name, m in models.items():
         m = m.to(device).train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-
-        def step(m: torch.nn.Module = m, opt: torch.optim.Optimizer = opt) -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                o = m(x)
-                logits, aux = o if isinstance(o, tuple) else (o, None)
-                loss = F.cross_entropy(logits.float(), y)
-                if aux is not None:
-                    loss = loss + aux["aux_loss"].float()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        for _ in range(10):
-            step()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        n = 40
-        for _ in range(n):
-            step()
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t) / n
+        times = bench.time_steps(bench._step_fn(m, opt, x, y, amp), device, warmup=10, repeats=40)
+        dt = statistics.median(times)
         gf = flops_per_image(m) / 1e9 if hasattr(m, "moe_layers") else None
         rows[name] = {
             "images_per_s": batch / dt,
@@ -653,6 +635,18 @@ def throughput_benchmark(cfg: TrainConfig, device: torch.device, batch: int) -> 
         del m, opt
     rows["timm vit (same shape)"]["gflops_per_image"] = rows["vmoe vit_ti"]["gflops_per_image"]
     return {"batch": batch, "precision": "bf16 autocast", "timm": timm.__version__, "rows": rows}
+
+
+def _throughput_benchmark() -> Any:
+    """benchmarks/train_throughput.py as a module: the same timed training step as the benchmark."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("vmoe_train_throughput", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # ----------------------------------------------------------------------------- markdown

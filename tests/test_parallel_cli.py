@@ -24,6 +24,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _vmoe(args: list[str], *, nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run ``vmoe ARGS`` in one process, or under torchrun with ``nproc`` processes (gloo, loopback)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "vmoe", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "vmoe",
+            *args,
+        ]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
 def _losses(run: Path) -> dict[int, float]:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
@@ -51,35 +78,8 @@ TRAIN = [
 
 
 def test_torchrun_expert_parallel_matches_single_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    single = subprocess.run(
-        [sys.executable, "-m", "vmoe", *TRAIN, "--out", str(tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "vmoe",
-        *TRAIN,
-        "--expert-parallel",
-        "2",
-        "--out",
-        str(tmp_path / "two"),
-    ]
-    multi = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert multi.returncode == 0, multi.stderr[-3000:]
+    _vmoe([*TRAIN, "--out", str(tmp_path / "one")])
+    _vmoe([*TRAIN, "--expert-parallel", "2", "--out", str(tmp_path / "two")], nproc=2)
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]  # rank 0 alone writes metrics.jsonl
     for s in a:
@@ -101,7 +101,6 @@ def test_checkpoint_from_two_processes_resumes_in_one(tmp_path):
     """A run checkpointed by a 2-process expert-parallel job continues in one process unchanged."""
     import shutil
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     args = [
         "train",
         "--recipe",
@@ -117,45 +116,12 @@ def test_checkpoint_from_two_processes_resumes_in_one(tmp_path):
         "max_test=32",
         "eval_batch_size=16",
     ]
-    one = subprocess.run(
-        [sys.executable, "-m", "vmoe", *args, "--out", str(tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr
+    _vmoe([*args, "--out", str(tmp_path / "one")])
     run = tmp_path / "mixed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "vmoe",
-        *args,
-        "--expert-parallel",
-        "2",
-        "--out",
-        str(run),
-    ]
-    two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    _vmoe([*args, "--expert-parallel", "2", "--out", str(run)], nproc=2)
     # Keep only the step-3 checkpoint written by the 2-process job, then resume in one process.
     shutil.rmtree(run / "checkpoints" / "step_00000005")
-    res = subprocess.run(
-        [sys.executable, "-m", "vmoe", *args, "--out", str(run), "--resume"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr
+    res = _vmoe([*args, "--out", str(run), "--resume"])
     assert "resuming from" in res.stderr and "step 3" in res.stderr
     a, b = _losses(tmp_path / "one"), _losses(run)
     assert sorted(b) == [1, 2, 3, 4, 5]
