@@ -227,7 +227,7 @@ class Experts(nn.Module):
         E, R, D = buffers.shape
         w1, b1, w2, b2 = weights
         x = _PackRows.apply(buffers.reshape(E * R, D), index).to(w1.dtype)  # (F, D), expert-major
-        if getattr(self, "_fused", True) and not (self.training and self.p > 0):
+        if not (self.training and self.p > 0):
             with torch.autocast(buffers.device.type, enabled=False):  # operands are already in dtype
                 out = _GroupedMlp.apply(x, w1, b1, w2, b2, counts, self.act)
             return out.new_zeros(E * R, out.shape[1]).index_copy(0, index, out).view(E, R, -1)
