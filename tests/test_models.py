@@ -472,3 +472,27 @@ def test_errors():
     # A dense model gains MoE layers when num_experts or moe_layers is given.
     upcycled = vmoe.create_model("vit_ti", num_experts=4, moe_layers="last:1")
     assert [i for i, _ in upcycled.moe_layers()] == [5]
+
+
+def test_experts_impl_override_same_function():
+    # experts_impl changes how the expert matmuls run, never what they compute.
+    torch.manual_seed(0)
+    ref = (
+        vmoe.create_model("vmoe_ti", image_size=16, patch_size=8, num_classes=5, experts_impl="bmm")
+        .double()
+        .eval()
+    )
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    want = ref.forward_features(x)[0]
+    assert want.std() > 0.1
+    for impl in ("loop", "packed"):
+        other = (
+            vmoe.create_model("vmoe_ti", image_size=16, patch_size=8, num_classes=5, experts_impl=impl)
+            .double()
+            .eval()
+        )
+        other.load_state_dict(ref.state_dict())
+        assert {layer.experts.impl for _, layer in other.moe_layers()} == {impl}
+        torch.testing.assert_close(other.forward_features(x)[0], want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="experts_impl must be one of"):
+        vmoe.create_model("vmoe_ti", experts_impl="fastest")

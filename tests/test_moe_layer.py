@@ -181,26 +181,54 @@ def _check_dispatch_autograd(routings, xf: torch.Tensor) -> None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("impl", ["loop", "packed", "grouped_mm"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_experts_packed_rows_equal_full_batched(dropout):
-    # Computing only the filled rows (per-expert matmuls) = the batched path on those rows, 0 elsewhere,
-    # including positional dropout masks and all gradients.
+def test_experts_impls_equal_batched(impl, dropout):
+    # Every experts implementation = the batched one ("bmm") on the filled rows, 0 elsewhere for
+    # "packed", including positional dropout masks and all gradients. grouped_mm has no float64.
+    if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip(f"torch {torch.__version__} has no torch._grouped_mm")
+    dtype, tol = (torch.float32, 1e-5) if impl == "grouped_mm" else (torch.float64, 1e-12)
     torch.manual_seed(0)
-    ex = Experts(3, 4, 6, dropout=dropout, init="independent").double()
-    buf = torch.randn(3, 5, 4, dtype=torch.float64)
+    ex = Experts(3, 8, 16, dropout=dropout, init="independent").to(dtype)
+    buf = torch.randn(3, 5, 8, dtype=dtype)
     filled = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     rows = torch.arange(15).view(3, 5)
     res = []
-    for pack in (True, False):
-        ex.pack_rows = pack
+    for name in (impl, "bmm"):
+        ex.impl = name
         b = buf.clone().requires_grad_(True)
         with rng.positional_rng(seed=1):
             y = ex(b, rows, filled=filled)
+        if name == "packed":
+            assert not y[~filled].any()
         y = torch.where(filled.unsqueeze(-1), y, torch.zeros_like(y))
         res.append((y, *torch.autograd.grad(y.square().sum(), [b, *ex.parameters()])))
-    assert not res[0][0][~filled].any()
     for a, b in zip(*res):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    ex.eval()  # inference (no autograd graph) through the same implementations
+    with torch.inference_mode():
+        ex.impl = impl
+        y_inf = ex(buf, rows, filled=filled)
+        ex.impl = "bmm"
+        y_ref = ex(buf, rows, filled=filled)
+    torch.testing.assert_close(
+        torch.where(filled.unsqueeze(-1), y_inf, 0),
+        torch.where(filled.unsqueeze(-1), y_ref, 0),
+        rtol=tol,
+        atol=tol,
+    )
+
+
+def test_experts_impl_validation():
+    ex = Experts(2, 4, 6)
+    with pytest.raises(ValueError, match=r"unknown experts impl 'fast'.*bmm"):
+        ex.impl = "fast"
+    assert ex.resolved_impl(torch.zeros(2, 3, 4)) == "packed"  # auto on the CPU
+    ex.impl = "grouped_mm"
+    if hasattr(torch, "_grouped_mm"):
+        with pytest.raises(ValueError, match="multiples of 8, got 4 and 6"):
+            ex(torch.zeros(2, 3, 4))
 
 
 @pytest.mark.parametrize("act", ["gelu_tanh", "gelu", "relu"])
@@ -239,13 +267,13 @@ def test_grouped_mlp_matches_per_expert_autograd(act):
     torch.testing.assert_close(gw2, torch.autograd.grad(ref, [w2], g)[0], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_layer_packed_and_batched_experts_agree(pack):
+@pytest.mark.parametrize("impl", ["packed", "loop", "bmm"])
+def test_layer_experts_impls_agree(impl):
     layer = _layer(E=4, C=0.75, group_size=2)
     ref = _layer(E=4, C=0.75, group_size=2, dispatch="einsum")
     ref.load_state_dict(layer.state_dict())
-    layer.experts.pack_rows = pack
-    ref.experts.pack_rows = not pack
+    layer.experts.impl = impl
+    ref.experts.impl = "bmm" if impl != "bmm" else "packed"
     x = torch.randn(5, 6, 8, dtype=torch.float64)
     gy = torch.randn_like(x)
     with rng.positional_rng(seed=2):  # same router noise for both

@@ -102,12 +102,16 @@ class MoEConfig:
             ``"independent"``.
         dispatch: ``"index"`` (gather/scatter into capacity buffers, the fast path) or
             ``"einsum"`` (GShard-style one-hot einsum; the reference for tests).
+        experts_impl: how the expert matmuls run: ``"auto"`` (default), ``"bmm"``, ``"loop"``,
+            ``"packed"`` or ``"grouped_mm"`` (see :class:`vmoe.moe.Experts`; all compute the same
+            function, they differ in speed).
     """
 
     router: RouterConfig = field(default_factory=RouterConfig)
     group_size: int = 8
     expert_init: Literal["identical", "independent"] = "identical"
     dispatch: DispatchBackend = "index"
+    experts_impl: Literal["auto", "bmm", "loop", "packed", "grouped_mm"] = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
@@ -117,6 +121,9 @@ class MoEConfig:
             raise ValueError(f"expert_init must be 'identical' or 'independent', got {self.expert_init!r}")
         if self.dispatch not in ("index", "einsum"):
             raise ValueError(f"dispatch must be 'index' or 'einsum', got {self.dispatch!r}")
+        impls = ("auto", "bmm", "loop", "packed", "grouped_mm")
+        if self.experts_impl not in impls:
+            raise ValueError(f"experts_impl must be one of {', '.join(impls)}; got {self.experts_impl!r}")
 
 
 def replace(obj: Any, **changes: Any) -> Any:

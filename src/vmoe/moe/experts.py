@@ -58,15 +58,21 @@ class _GroupedMlp(torch.autograd.Function):
         b2: torch.Tensor,
         counts: list[int],
         act: Activation,
+        epilogue: bool = False,
     ) -> torch.Tensor:  # x (F, D), w1 (E, D, M), b1 (E, M), w2 (E, M, D), b2 (E, D) -> (F, D)
         tail = x.shape[0] - sum(counts)
         out = x.new_empty(x.shape[0], w2.shape[2])
         sizes = [*counts, tail]
         hs: list[torch.Tensor] = []
         acts: list[torch.Tensor] = []
+        # epilogue (inference on CUDA): bias + tanh-GELU in the cuBLASLt epilogue; nothing is saved.
+        epilogue = epilogue and x.is_cuda and act == "gelu_tanh"
         for xe, oe, w1e, b1e, w2e, b2e in zip(
             x.split(sizes), out.split(sizes), w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0)
         ):
+            if epilogue:
+                torch.addmm(b2e, torch._addmm_activation(b1e, xe, w1e, use_gelu=True), w2e, out=oe)
+                continue
             h = torch.addmm(b1e, xe, w1e)  # (n, M)
             a = activation(h, act)
             torch.addmm(b2e, a, w2e, out=oe)
@@ -75,7 +81,8 @@ class _GroupedMlp(torch.autograd.Function):
         if tail:
             out[-tail:].zero_()
         ctx.sizes, ctx.act = sizes, act
-        ctx.save_for_backward(x, w1, w2, *hs, *acts)  # autograd's own bookkeeping: freed after backward
+        if not epilogue:
+            ctx.save_for_backward(x, w1, w2, *hs, *acts)  # autograd's own bookkeeping: freed after backward
         return out
 
     @staticmethod
@@ -124,16 +131,40 @@ class _GroupedMlp(torch.autograd.Function):
                 torch.mm(gh, w1t, out=gxs[e])
         if gx is not None and sizes[-1]:
             gxs[-1].zero_()
-        return gx, gw1, gb1, gw2, gb2, None, None
+        return gx, gw1, gb1, gw2, gb2, None, None, None
+
+
+def _no_grad(*tensors: torch.Tensor) -> bool:
+    """True when no gradient can flow back through ``tensors`` (inference)."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
+ExpertsImpl = Literal["auto", "bmm", "loop", "packed", "grouped_mm"]
+EXPERTS_IMPLS: tuple[str, ...] = ("auto", "bmm", "loop", "packed", "grouped_mm")
 
 
 class Experts(nn.Module):
     """E MLPs ``Linear(D, M) -> act -> Dropout -> Linear(M, D) -> Dropout`` with stacked weights.
 
     Kernels are stored (in, out) with a leading E axis, as the official checkpoints:
-    ``w1`` (E, D, M), ``b1`` (E, M), ``w2`` (E, M, D), ``b2`` (E, D). The forward is two batched
-    matmuls over the (E, R, D) buffers (bias fused into ``baddbmm``). ``num_local`` < E holds only
-    a shard of the experts (expert parallelism); the buffers then carry that shard.
+    ``w1`` (E, D, M), ``b1`` (E, M), ``w2`` (E, M, D), ``b2`` (E, D). The input is the (E, R, D)
+    capacity buffers of the experts held here (a shard of them under expert parallelism).
+
+    How the matmuls run (``impl``; every one computes the same function, tests check they agree):
+
+    - ``"bmm"``: two batched matmuls over the buffers, bias fused into ``baddbmm``. Static shapes,
+      no host synchronisation (CUDA graphs, ``torch.compile``).
+    - ``"loop"``: per-expert ``addmm`` over each buffer (on CUDA the bias, and in inference the
+      tanh-GELU too, run in the cuBLASLt epilogue), in one hand-written autograd Function that
+      writes outputs and weight gradients in place. Static shapes, no host synchronisation.
+    - ``"packed"``: like ``"loop"``, but over the filled rows only (skips the empty capacity slots,
+      ~7-13% of the rows at C=1.05); needs the row counts on the host (one synchronisation).
+    - ``"grouped_mm"``: ``torch._grouped_mm`` over the buffers (one kernel for all experts, CUDA
+      sm90 bf16 fast path; needs D and M multiples of 8), bias and activation in a separate pass.
+    - ``"auto"`` (default): ``"packed"`` on the CPU outside ``torch.compile``, else ``"bmm"``.
+
+    With dropout active in training, ``"loop"`` runs as ``"bmm"`` and ``"packed"`` runs its rows
+    through plain autograd (same masks: they are a function of the rows' global ids).
 
     Args:
         num_experts: E (the experts held here).
@@ -152,6 +183,7 @@ class Experts(nn.Module):
         dropout: float = 0.0,
         init: Literal["identical", "independent"] = "identical",
         stream: int = 0,
+        impl: ExpertsImpl = "auto",
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -159,12 +191,22 @@ class Experts(nn.Module):
         self.p = dropout
         self.init = init
         self.stream = stream
-        self.pack_rows: bool | None = None  # compute only filled rows: None = auto (see _pack)
+        self.impl = impl
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.b2 = nn.Parameter(torch.empty(num_experts, dim))
         self.reset_parameters()
+
+    @property
+    def impl(self) -> ExpertsImpl:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: ExpertsImpl) -> None:
+        if value not in EXPERTS_IMPLS:
+            raise ValueError(f"unknown experts impl {value!r}; expected one of {', '.join(EXPERTS_IMPLS)}")
+        self._impl = value
 
     def reset_parameters(self) -> None:
         E, D, M = self.w1.shape
@@ -179,6 +221,18 @@ class Experts(nn.Module):
                 if n == 1:
                     p[1:].copy_(p[:1].expand_as(p[1:]))
 
+    def resolved_impl(self, buffers: torch.Tensor) -> str:
+        """The implementation ``impl`` resolves to for these buffers ("auto" chosen by device)."""
+        if self._impl != "auto":
+            return self._impl
+        # Packing skips the empty capacity slots at the price of a host sync and data-dependent
+        # shapes: the CPU's choice (benchmarks/RESULTS.md), never under torch.compile.
+        return "packed" if buffers.device.type == "cpu" and not torch.compiler.is_compiling() else "bmm"
+
+    def wants_filled(self, buffers: torch.Tensor) -> bool:
+        """Whether :meth:`forward` uses the ``filled`` mask (so callers can skip computing it)."""
+        return self.resolved_impl(buffers) == "packed"
+
     def forward(
         self, buffers: torch.Tensor, rows: torch.Tensor | None = None, *, filled: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -187,33 +241,56 @@ class Experts(nn.Module):
         Args:
             buffers: the capacity buffers of the experts held here.
             rows: optional (E, R) int64 global ids of the buffer rows, for positional dropout.
-            filled: optional (E, R) bool, the rows that hold a token. When packing is on (see
-                ``pack_rows``) only those rows are computed (per-expert matmuls over the packed
-                rows; the other output rows are 0), skipping the empty capacity slots. Otherwise
-                every row is computed with two batched matmuls (static shapes, no host sync).
+            filled: optional (E, R) bool, the rows that hold a token (used by ``"packed"``, whose
+                output is 0 in the other rows; without it every row is computed).
         """
         if buffers.dim() != 3 or buffers.shape[0] != self.num_experts:
             raise ValueError(f"experts expect ({self.num_experts}, R, D) buffers, got {tuple(buffers.shape)}")
+        E, R, D = buffers.shape
         dtype = compute_dtype(buffers)
         w1, b1, w2, b2 = (t.to(dtype) for t in (self.w1, self.b1, self.w2, self.b2))
-        if filled is not None and self._pack(buffers):
-            E, R = buffers.shape[:2]
+        x = buffers.to(dtype)
+        impl = self.resolved_impl(buffers)
+        dropping = self.training and self.p > 0
+        if impl == "packed" and filled is not None:
             index = filled.reshape(E * R).nonzero().squeeze(1)  # rows holding a token, expert-major
             if index.numel() < E * R:
-                return self._forward_packed(buffers, rows, index, filled.sum(1).tolist(), (w1, b1, w2, b2))
-        h = torch.baddbmm(b1.unsqueeze(1), buffers.to(dtype), w1)  # (E, R, M)
+                return self._forward_packed(x, rows, index, filled.sum(1).tolist(), (w1, b1, w2, b2))
+            impl = "loop"
+        if impl in ("loop", "packed") and not dropping:
+            with torch.autocast(x.device.type, enabled=False):  # operands are already in dtype
+                out = _GroupedMlp.apply(
+                    x.reshape(E * R, D), w1, b1, w2, b2, [R] * E, self.act, _no_grad(x, w1, b1, w2, b2)
+                )
+            return out.view(E, R, -1)
+        if impl == "grouped_mm":
+            return self._forward_grouped_mm(x, rows, (w1, b1, w2, b2))
+        h = torch.baddbmm(b1.unsqueeze(1), x, w1)  # (E, R, M)
         h = dropout(activation(h, self.act), self.p, self.training, stream=self.stream, rows=rows)
         out = torch.baddbmm(b2.unsqueeze(1), h, w2)  # (E, R, D)
         return dropout(out, self.p, self.training, stream=self.stream + 1, rows=rows)
 
-    def _pack(self, buffers: torch.Tensor) -> bool:
-        if self.pack_rows is not None:
-            return self.pack_rows
-        # Auto: on the CPU, outside torch.compile (packed rows are data-dependent shapes). Packing
-        # skips the ~7-13% empty capacity slots at C=1.05 at the price of ~8 small ops per expert.
-        # On a quiet 2-core machine it is 6-16% faster with 1 or 2 threads; on a heavily shared one
-        # the small ops' thread barriers can cost more than that (benchmarks/RESULTS.md).
-        return buffers.device.type == "cpu" and not torch.compiler.is_compiling()
+    def _forward_grouped_mm(
+        self, x: torch.Tensor, rows: torch.Tensor | None, weights: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """``torch._grouped_mm`` over the (E*R, D) rows with offsets R, 2R, ... (static, on device)."""
+        grouped_mm = getattr(torch, "_grouped_mm", None)
+        if grouped_mm is None:
+            raise RuntimeError(
+                f"experts impl 'grouped_mm' needs torch >= 2.8 (torch._grouped_mm); this is {torch.__version__}"
+            )
+        E, R, D = x.shape
+        w1, b1, w2, b2 = weights
+        M = w1.shape[2]
+        if D % 8 or M % 8:
+            raise ValueError(
+                f"experts impl 'grouped_mm' needs dim and hidden_dim multiples of 8, got {D} and {M}"
+            )
+        offs = torch.arange(1, E + 1, device=x.device, dtype=torch.int32) * R
+        h = grouped_mm(x.reshape(E * R, D), w1, offs=offs).view(E, R, M) + b1.unsqueeze(1)
+        h = dropout(activation(h, self.act), self.p, self.training, stream=self.stream, rows=rows)
+        out = grouped_mm(h.reshape(E * R, M), w2, offs=offs).view(E, R, D) + b2.unsqueeze(1)
+        return dropout(out, self.p, self.training, stream=self.stream + 1, rows=rows)
 
     def _forward_packed(
         self,
@@ -226,10 +303,10 @@ class Experts(nn.Module):
         """The filled rows only: (E, R, D) -> pack (F, D) -> per-expert MLP -> (E, R, D), 0 elsewhere."""
         E, R, D = buffers.shape
         w1, b1, w2, b2 = weights
-        x = _PackRows.apply(buffers.reshape(E * R, D), index).to(w1.dtype)  # (F, D), expert-major
+        x = _PackRows.apply(buffers.reshape(E * R, D), index)  # (F, D), expert-major
         if not (self.training and self.p > 0):
             with torch.autocast(buffers.device.type, enabled=False):  # operands are already in dtype
-                out = _GroupedMlp.apply(x, w1, b1, w2, b2, counts, self.act)
+                out = _GroupedMlp.apply(x, w1, b1, w2, b2, counts, self.act, _no_grad(x, w1, b1, w2, b2))
             return out.new_zeros(E * R, out.shape[1]).index_copy(0, index, out).view(E, R, -1)
         ids = rows.reshape(E * R).index_select(0, index) if rows is not None else None  # (F,)
         # unbind: one backward op per weight (indexing w1[e] would add E full-size zero gradients)

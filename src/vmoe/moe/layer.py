@@ -87,6 +87,7 @@ class MoEMlp(nn.Module):
             dropout=dropout,
             init=cfg.expert_init,
             stream=stream + 1,
+            impl=cfg.experts_impl,
         )
         self.expert_comm: ExpertComm | None = None
         self.record_routing = False
@@ -130,7 +131,7 @@ class MoEMlp(nn.Module):
             local, local_rows = self.expert_comm.dispatch(buffers, rows)
             y = self.expert_comm.combine(self.experts(local, local_rows))
         else:
-            filled = dispatcher.buffer_tokens() >= 0 if self.experts._pack(buffers) else None
+            filled = dispatcher.buffer_tokens() >= 0 if self.experts.wants_filled(buffers) else None
             y = self.experts(buffers, rows, filled=filled)
         out = dispatcher.combine(y).view(B, T, D)
         return out, self._aux(outs, B, T)
