@@ -13,7 +13,9 @@ Both backends produce identical buffers, so an expert-parallel all-to-all can si
 
 - :class:`EinsumDispatcher`: GShard-style one-hot einsum, (G, S, E, C) tensors. The reference.
 - :class:`IndexDispatcher`: gather rows into the buffers, weighted gather back (forward and
-  backward are gathers only). No tensor of size S x E x C; the fast path.
+  backward are gathers only). No tensor of size S x E x C; the fast path. Gathers whose rows are
+  scaled by a routing weight or kept-mask anyway read a real row where the assignment was dropped
+  and multiply it by 0 (exact for finite values), so only the dispatch itself builds zero rows.
 """
 
 from __future__ import annotations
@@ -95,32 +97,41 @@ def _row_assignments(positions: torch.Tensor, total_rows: int) -> torch.Tensor:
 class _RowMap:
     """``out[i] = src[index[i]]``, or a zero row where ``index[i] == len(src)`` (the sentinel).
 
-    Two exact implementations of the same map: ``pad`` gathers from ``src`` with a zero row appended
+    Two exact implementations of :meth:`gather`: ``pad`` gathers from ``src`` with a zero row appended
     (no host synchronisation; the default off the CPU), otherwise the sentinel rows are gathered from
     row 0 and then zero-filled, which saves copying ``src`` (the indices of those rows are found once,
-    with a host synchronisation that costs nothing on the CPU).
+    with a host synchronisation that costs nothing on the CPU). :meth:`gather_scaled` needs neither:
+    its callers' weights are 0 on the sentinel rows.
     """
 
     def __init__(self, index: torch.Tensor, sentinel: int, pad: bool) -> None:
         self.pad = pad
         self.sentinel = sentinel
-        if pad:
-            self.index = index
-            self.empty: torch.Tensor | None = None
-        else:
-            missing = index == sentinel
-            self.index = index.masked_fill(missing, 0)
+        self.raw = index
+        missing = index == sentinel
+        self.index = index.masked_fill(missing, 0)  # sentinel rows read row 0 (then zeroed or scaled by 0)
+        self.empty: torch.Tensor | None = None
+        if not pad:
             empty = missing.nonzero().squeeze(1)
             self.empty = empty if empty.numel() else None
 
     def gather(self, src: torch.Tensor) -> torch.Tensor:
-        """(len(src), D) -> (len(index), D)."""
+        """(len(src), D) -> (len(index), D), exact zeros on the sentinel rows."""
         if self.pad:
-            return F.pad(src, (0, 0, 0, 1)).index_select(0, self.index)
+            return F.pad(src, (0, 0, 0, 1)).index_select(0, self.raw)
         out = src.index_select(0, self.index)
         if self.empty is not None:
             out.index_fill_(0, self.empty, 0)
         return out
+
+    def gather_scaled(
+        self, src: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``src[index] * scale`` (``scale`` (len(index), 1), 0 on every sentinel row), or
+        ``out + src[index] * scale`` when ``out`` is given (in place). No copy of ``src``, no
+        zero-fill: the sentinel rows read row 0 and are multiplied by 0 (exact for finite ``src``)."""
+        rows = src.index_select(0, self.index)
+        return rows.mul_(scale) if out is None else out.addcmul_(rows, scale)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -134,23 +145,27 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # (E*R, D) -> (N, D)
-        maps = ctx.d._to_tokens
-        out = maps[0].gather(g)
-        for m in maps[1:]:
-            out.add_(m.gather(g))
+        d: IndexDispatcher = ctx.d
+        kept = d.kept_scale(g.dtype)  # (N, K), 0 where dropped
+        out = d._to_tokens[0].gather_scaled(g, kept[:, :1])
+        for k, m in enumerate(d._to_tokens[1:], start=1):
+            m.gather_scaled(g, kept[:, k : k + 1], out)
         return out, None
 
 
 class _Combine(torch.autograd.Function):
-    """``out[n] = sum_k w[n, k] * y[pos[n, k]]``; both adjoints are gathers too (no scatter-add)."""
+    """``out[n] = sum_k w[n, k] * y[pos[n, k]]``; both adjoints are gathers too (no scatter-add).
+
+    The weights are 0 on dropped assignments, so no gather here needs the zero row (no copy of ``y``).
+    """
 
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor, w: torch.Tensor, d: IndexDispatcher) -> torch.Tensor:
         # y (E*R, D), w (N, K) -> (N, D)
         maps = d._to_tokens
-        out = maps[0].gather(y).mul_(w[:, :1])
+        out = maps[0].gather_scaled(y, w[:, :1])
         for k, m in enumerate(maps[1:], start=1):
-            out.addcmul_(m.gather(y), w[:, k : k + 1])
+            m.gather_scaled(y, w[:, k : k + 1], out)
         ctx.d = d
         ctx.save_for_backward(y, w)
         return out
@@ -160,18 +175,18 @@ class _Combine(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         y, w = ctx.saved_tensors
         d: IndexDispatcher = ctx.d
-        g_rows = d._to_rows.gather(g)  # (E*R, D): row r holds g[token of r], 0 where empty
+        # Row r holds assignment (n, k): grad_y[r] = w[n, k] * g[n]; empty rows get 0 (w_rows = 0).
+        w_rows = F.pad(w.reshape(-1), (0, 1)).index_select(0, d.row_assign).unsqueeze(1)  # (E*R, 1)
+        g_rows = g.index_select(0, d._to_rows.index)  # (E*R, D): g[token of r]; arbitrary on empty rows
         grad_w = grad_y = None
         if ctx.needs_input_grad[1]:
-            # grad_w[n, k] = <g[n], y[pos[n, k]]> = dots[pos[n, k]]; 0 where dropped (the spare entry).
-            # Accumulated in float32 when y is bf16/fp16 (the router's gradient stays accurate).
+            # grad_w[n, k] = <g[n], y[pos[n, k]]> = dots[pos[n, k]]; 0 where dropped (the spare entry;
+            # the dots of empty rows are never read). Accumulated in float32 for bf16/fp16 y.
             wide = y.dtype in (torch.float16, torch.bfloat16)
             dots = torch.linalg.vecdot(y.float(), g_rows.float()) if wide else torch.linalg.vecdot(y, g_rows)
             grad_w = F.pad(dots, (0, 1))[d.positions].to(w.dtype)  # (N, K)
         if ctx.needs_input_grad[0]:
-            # Row r holds assignment (n, k): grad_y[r] = w[n, k] * g[n]; empty rows get 0.
-            w_rows = F.pad(w.reshape(-1), (0, 1)).index_select(0, d.row_assign)  # (E*R,)
-            grad_y = g_rows.mul_(w_rows.unsqueeze(1))
+            grad_y = g_rows.mul_(w_rows)
         return grad_y, grad_w, None
 
 
@@ -200,6 +215,11 @@ class IndexDispatcher:
             pad = self.positions.device.type != "cpu" or torch.compiler.is_compiling()
         self._to_rows = _RowMap(self.sources, self.num_tokens, pad)
         self._to_tokens = [_RowMap(self.positions[:, k], total, pad) for k in range(K)]
+
+    def kept_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """(N, K) 1 for kept assignments, 0 for dropped ones, in ``dtype``."""
+        total = self.num_experts * self.rows_per_expert
+        return (self.positions < total).to(dtype)
 
     def dispatch(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[0] != self.num_tokens:
