@@ -14,12 +14,15 @@ Rows (``*_fwd``: forward only, eval mode, no grad; their ratio is to ``floor_fwd
     vmoe         MoEMlp, index dispatch (the default fast path), fwd+bwd incl. router and aux loss
     vmoe_einsum  MoEMlp, one-hot einsum dispatch (the reference backend)
     vmoe_bpr     MoEMlp, index dispatch, Batch Prioritized Routing on
+    vmoe_<impl>  MoEMlp with the experts' matmuls forced to one implementation (``--impls``; on CUDA
+                 by default loop, packed, grouped_mm next to auto's choice, bmm)
     loop         the same router, then a per-expert Python loop: gather by mask, MLP, scatter
     fairscale / tutel   only when importable (never null)
 
-On CUDA the fast path is first checked against a float32 reference (einsum backend, no autocast):
-relative error <= 1e-2 in the output and every gradient, and every output row of a token with a
-kept assignment written (nonzero).
+First the fast path, and each ``vmoe_<impl>`` variant, is checked against a float32 reference
+(einsum backend, no autocast): relative error <= 1e-2 in the output and every gradient, every output
+row of a token with a kept assignment written (nonzero), and inference (no grad) equal to the
+training-mode forward. On CUDA at the timed shapes, on the CPU at small ones.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class Shapes:
         return round(self.k * self.capacity_factor * self.num_tokens)
 
 
-def make_layer(s: Shapes, *, dispatch: str = "index", bpr: bool = False) -> MoEMlp:
+def make_layer(s: Shapes, *, dispatch: str = "index", bpr: bool = False, impl: str = "auto") -> MoEMlp:
     cfg = MoEConfig(
         router=RouterConfig(
             num_experts=s.num_experts, num_selected=s.k, capacity_factor=s.capacity_factor, batch_priority=bpr
@@ -74,6 +77,7 @@ def make_layer(s: Shapes, *, dispatch: str = "index", bpr: bool = False) -> MoEM
         group_size=s.group_size,
         dispatch=dispatch,
         expert_init="independent",
+        experts_impl=impl,
     )
     return MoEMlp(s.dim, s.hidden, cfg)
 
@@ -215,7 +219,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_correctness(
-    s: Shapes, device: torch.device, *, amp: bool, tol: float = 1e-2, seed: int = 0
+    s: Shapes, device: torch.device, *, amp: bool, tol: float = 1e-2, seed: int = 0, impl: str = "auto"
 ) -> dict[str, float]:
     """Check the fast path (index dispatch, ``amp``: bf16 autocast) against a float32 einsum reference.
 
@@ -225,7 +229,7 @@ def check_correctness(
     token with a kept assignment that was never written (all zeros). Returns the errors.
     """
     torch.manual_seed(seed)
-    fast = make_layer(s, dispatch="index").to(device).eval()
+    fast = make_layer(s, dispatch="index", impl=impl).to(device).eval()
     ref = make_layer(s, dispatch="einsum").to(device).eval()
     ref.load_state_dict(fast.state_dict())
     ref.record_routing = True
@@ -257,8 +261,11 @@ def check_correctness(
     for name, a, b in zip(["x", *params], g_fast, g_ref):
         assert torch.isfinite(a).all(), f"non-finite gradient of {name}"
         errors[f"grad_{name}"] = _rel(a, b)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        y_inf = fast(x)[0].float()  # the inference path (e.g. cuBLASLt GELU epilogue) vs the reference
+    errors["y_inference"] = _rel(y_inf, y_ref)
     bad = {k: v for k, v in errors.items() if not v <= tol}
-    assert not bad, f"fast path differs from the float32 reference by more than {tol}: {bad}"
+    assert not bad, f"fast path ({impl}) differs from the float32 reference by more than {tol}: {bad}"
     return errors
 
 
@@ -282,8 +289,13 @@ class Timer:
         return (time.perf_counter() - t0) * 1e3
 
 
-def build_variants(s: Shapes, device: torch.device, amp: bool, peers: bool) -> dict[str, Callable[[], Any]]:
-    """name -> a zero-argument step (fwd+bwd, or forward only for ``*_fwd``)."""
+def build_variants(
+    s: Shapes, device: torch.device, amp: bool, peers: bool, impls: tuple[str, ...] = ()
+) -> dict[str, Callable[[], Any]]:
+    """name -> a zero-argument step (fwd+bwd, or forward only for ``*_fwd``).
+
+    ``impls``: extra rows ``vmoe_<impl>`` with the experts' matmuls forced to that implementation.
+    """
     torch.manual_seed(0)
     x = torch.randn(s.batch, s.tokens, s.dim, device=device)
     x_req = x.clone().requires_grad_(True)
@@ -296,6 +308,7 @@ def build_variants(s: Shapes, device: torch.device, amp: bool, peers: bool) -> d
         "vmoe": make_layer(s).to(device),
         "vmoe_einsum": make_layer(s, dispatch="einsum").to(device),
         "vmoe_bpr": make_layer(s, bpr=True).to(device),
+        **{f"vmoe_{i}": make_layer(s, impl=i).to(device) for i in impls},
     }
     for lay in layers.values():
         lay.load_state_dict(layers["vmoe"].state_dict())
@@ -360,6 +373,19 @@ def build_variants(s: Shapes, device: torch.device, amp: bool, peers: bool) -> d
     return variants
 
 
+def _heap_alloc() -> None:
+    """glibc: no mmap for large blocks and no trimming, so freed memory is reused without page faults."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as exc:
+        raise SystemExit(f"--heap-alloc needs glibc (libc.so.6): {exc}") from None
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1)):
+        raise SystemExit("--heap-alloc: mallopt failed")
+
+
 def _written(out: Any) -> None:
     y = out[0] if isinstance(out, tuple) else out
     if not bool(torch.isfinite(y).all()) or not bool((y != 0).any()):
@@ -375,8 +401,9 @@ def bench(
     repeats: int,
     peers: bool,
     only: set[str] | None = None,
+    impls: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
-    variants = build_variants(s, device, amp, peers)
+    variants = build_variants(s, device, amp, peers, impls)
     if only:
         variants = {n: f for n, f in variants.items() if n in only or n in ("floor", "floor_fwd")}
     timer = Timer(device)
@@ -411,13 +438,13 @@ def bench(
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     mem = any("peak_mem_mib" in r for r in rows)
-    head = f"{'E':>3} {'name':<16} {'ms':>10} {'ratio_to_floor':>15}" + (
+    head = f"{'E':>3} {'name':<20} {'ms':>10} {'ratio_to_floor':>15}" + (
         f" {'peak MiB':>10} {'mem ratio':>10}" if mem else ""
     )
     print(head)
     print("-" * len(head))
     for r in rows:
-        line = f"{r['num_experts']:>3} {r['name']:<16} {r['ms']:>10.3f} {r['ratio_to_floor']:>15.3f}"
+        line = f"{r['num_experts']:>3} {r['name']:<20} {r['ms']:>10.3f} {r['ratio_to_floor']:>15.3f}"
         if mem:
             line += f" {r.get('peak_mem_mib', float('nan')):>10.1f} {r.get('mem_ratio_to_floor', float('nan')):>10.3f}"
         print(line)
@@ -436,6 +463,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-peers", action="store_true", help="leave out fairscale/tutel even if importable")
     p.add_argument("--only", default=None, help="comma-separated rows to time (floors are always kept)")
     p.add_argument(
+        "--impls",
+        default=None,
+        help="comma-separated experts implementations to time as extra rows vmoe_<impl> "
+        "(bmm, loop, packed, grouped_mm; default: all but auto's choice on CUDA, none on CPU)",
+    )
+    p.add_argument(
+        "--heap-alloc",
+        action="store_true",
+        help="CPU/glibc: serve large allocations from the heap (mallopt), so no row pays the kernel's "
+        "page zeroing for fresh mmap'd memory; measures compute only (see benchmarks/RESULTS.md)",
+    )
+    p.add_argument(
         "--amp", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
     )
     a = p.parse_args(argv)
@@ -447,6 +486,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     amp = a.amp == "bf16" or (a.amp == "auto" and cuda)
     if not cuda:
         torch.set_num_threads(a.threads)
+    if a.heap_alloc:
+        _heap_alloc()
+    if a.impls is not None:
+        impls = tuple(i for i in a.impls.split(",") if i)
+    elif cuda:
+        impls = ("loop", "packed") + (("grouped_mm",) if hasattr(torch, "_grouped_mm") else ())
+    else:
+        impls = ()
     if a.small:
         base = dict(batch=12, tokens=17, dim=32, hidden=64, group_size=8)  # 12 = a full group + a partial one
     elif cuda:
@@ -472,6 +519,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "floor": "dense MLP (Linear, tanh-GELU, Linear) over round(k*C*N) rows",
         "ratio": "median over rounds of row_ms / floor_ms in the same round (rows interleaved)",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "heap_alloc": a.heap_alloc,
+        "impls": list(impls),
         "loadavg_start": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     if cuda:
@@ -486,9 +535,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not a.no_check:
             # On CUDA at the timed shapes; on CPU at small shapes (same code path as far as CPU allows).
             cs = s if (cuda or a.small) else Shapes(num_experts=E, batch=12, tokens=17, dim=32, hidden=64)
-            errs = check_correctness(cs, device, amp=amp)
-            checks[f"E{E}"] = {"max_rel_err": max(errs.values()), "shapes": cs.__dict__}
-            print(f"E={E}: correctness ok, max relative error {max(errs.values()):.2e}", flush=True)
+            for impl in ("auto", *impls):
+                errs = check_correctness(cs, device, amp=amp, impl=impl)
+                key = f"E{E}" if impl == "auto" else f"E{E}_{impl}"
+                checks[key] = {"max_rel_err": max(errs.values()), "shapes": cs.__dict__}
+                print(
+                    f"E={E} {impl}: correctness ok, max relative error {max(errs.values()):.2e}", flush=True
+                )
         if cuda:
             torch.cuda.empty_cache()
         rows += bench(
@@ -499,6 +552,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             repeats=repeats,
             peers=not a.no_peers,
             only=set(a.only.split(",")) if a.only else None,
+            impls=impls,
         )
     config["checks"] = checks
     if hasattr(os, "getloadavg"):

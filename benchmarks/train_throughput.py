@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--small", action="store_true", help="tiny shapes (to check the script itself)")
+    p.add_argument(
+        "--impls",
+        default="",
+        help="comma-separated experts implementations (bmm, loop, packed, grouped_mm) to time as extra "
+        "rows of every V-MoE model, next to the default (auto)",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -120,13 +126,28 @@ def main(argv: list[str] | None = None) -> int:
         ]
         timm_name, timm_kw = "vit_tiny_patch16_224", {"patch_size": 4}
 
+    impls = [i for i in args.impls.split(",") if i]
+    ours = ours + [
+        (name, {**kw, "experts_impl": impl}) for impl in impls for name, kw in ours if "num_experts" in kw
+    ]
     rows = []
     for name, kw in ours:
         torch.manual_seed(0)
-        model = vmoe.create_model(name, image_size=image, num_classes=classes, **kw).to(device)
         label = name if "num_experts" not in kw else f"{name}_e{kw['num_experts']}"
-        rows.append(_bench(label, model, flops_per_image(model), device, batch, image, classes, amp, args))
-        del model
+        label += f"[{kw['experts_impl']}]" if "experts_impl" in kw else ""
+        try:
+            with torch.device(device):  # parameters made and initialised on the device
+                model = vmoe.create_model(name, image_size=image, num_classes=classes, **kw)
+            rows.append(
+                _bench(label, model, flops_per_image(model), device, batch, image, classes, amp, args)
+            )
+        except Exception as exc:  # an extra row that fails is reported, the others still run
+            if "experts_impl" not in kw:
+                raise
+            print(f"{label} left out: {exc!r}", file=sys.stderr)
+        model = None
+        if cuda:
+            torch.cuda.empty_cache()
     if not args.small:
         tm = _timm_model(timm_name, image, classes, **timm_kw)
         if tm is not None:  # same architecture as our dense row, so the same FLOPs
@@ -162,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "reference": dense_ref["name"],
+        "impls": impls,
     }
     print(f"train throughput, {cfg['dtype']}, batch {batch}, {image}px, torch {torch.__version__}, {device}")
-    print(f"{'name':28s} {'img/s':>10s} {'GFLOP/img':>10s} {'eff. vs dense':>14s} {'peak MiB':>10s}")
+    print(f"{'name':32s} {'img/s':>10s} {'GFLOP/img':>10s} {'eff. vs dense':>14s} {'peak MiB':>10s}")
     for r in rows:
         print(
-            f"{r['name']:28s} {r['images_per_s']:10.1f} {r['gflops_per_image']:10.3f} "
+            f"{r['name']:32s} {r['images_per_s']:10.1f} {r['gflops_per_image']:10.3f} "
             f"{r['efficiency_vs_dense']:14.3f} {r.get('peak_mib') or 0:10.0f}"
         )
     if args.json:

@@ -1,0 +1,37 @@
+"""The one-shot GPU script (benchmarks/gpu_check.sh) in its CPU dry-run mode: it must run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_script_dry_run_on_cpu(tmp_path):
+    env = {**os.environ, "VMOE_CHECK_DEVICE": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    layer = json.loads((tmp_path / "moe_layer.json").read_text())
+    assert set(layer["config"]["checks"]) == {"E8", "E8_loop", "E8_grouped_mm"}
+    assert all(c["max_rel_err"] <= 1e-2 for c in layer["config"]["checks"].values())
+    names = {r["name"] for r in layer["results"]}
+    assert {"floor", "vmoe", "vmoe_loop", "vmoe_grouped_mm", "vmoe_loop_fwd"} <= names
+    train = json.loads((tmp_path / "train_throughput.json").read_text())
+    names = [r["name"] for r in train["results"]]
+    assert "vmoe_ti_e8[loop]" in names and "vit_ti" in names
+    assert all(r["images_per_s"] > 0 for r in train["results"])
+    assert (tmp_path / "moe_layer.txt").read_text().count("correctness ok") == 3
