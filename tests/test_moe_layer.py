@@ -161,6 +161,7 @@ def _check_dispatch_autograd(routings, xf: torch.Tensor) -> None:
         lambda rs: IndexDispatcher(rs, pad=True),
         lambda rs: IndexDispatcher(rs, pad=False),
         EinsumDispatcher,
+        lambda rs: IndexDispatcher(rs, packed=True),  # filled rows only: same outputs and gradients
     ):
         xi = xf.clone().requires_grad_(True)
         w = torch.cat([r.weights.reshape(-1, r.num_selected) for r in routings]).clone().requires_grad_(True)
@@ -175,6 +176,18 @@ def _check_dispatch_autograd(routings, xf: torch.Tensor) -> None:
         y = torch.tanh(buf) * 2 + 1  # nonzero in empty rows: combine must ignore them
         out = d.combine(y)
         gout = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        if getattr(d, "packed", False):  # (F, D): the filled buffer rows, in buffer order
+            full = IndexDispatcher(chunks)
+            filled = full.buffer_tokens().reshape(-1) >= 0
+            assert d.counts == full.buffer_tokens().ge(0).sum(1).tolist()
+            assert torch.equal(d.row_tokens(), full.row_tokens()[filled])
+            assert torch.equal(d.row_experts(), full.row_experts()[filled])
+            buf = (
+                torch.zeros_like(full.dispatch(xi))
+                .view(-1, buf.shape[1])
+                .index_copy(0, filled.nonzero()[:, 0], buf)
+            )
+            buf = buf.view(full.num_experts, full.rows_per_expert, -1)
         results.append((buf.detach(), out.detach(), *torch.autograd.grad(out, [xi, w], gout)))
     for other in results[1:]:
         for a, b in zip(results[0], other):
@@ -279,6 +292,27 @@ def test_layer_experts_impls_agree(impl):
     with rng.positional_rng(seed=2):  # same router noise for both
         ga, gb = _grads(layer, x, gy)[2], _grads(ref, x, gy)[2]
     for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_layer_packed_rows_with_dropout_match_buffers():
+    # Packed dispatch (filled rows only) and capacity buffers give the same outputs and gradients in
+    # training with expert dropout: the masks are functions of each assignment's global id.
+    layer = _layer(E=4, C=0.75, group_size=2)
+    layer.experts.p = 0.3
+    ref = _layer(E=4, C=0.75, group_size=2)
+    ref.experts.p = 0.3
+    ref.load_state_dict(layer.state_dict())
+    layer.experts.impl, ref.experts.impl = "packed", "bmm"
+    x = torch.randn(5, 6, 8, dtype=torch.float64)
+    gy = torch.randn_like(x)
+    res = []
+    for lay in (layer, ref):
+        with rng.positional_rng(seed=3):
+            res.append(_grads(lay, x, gy))
+    assert (res[0][0] != 0).any()
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(res[0][2], res[1][2]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 

@@ -197,20 +197,40 @@ class IndexDispatcher:
     rows" is "row -> its token" and vice versa, so no scatter-add (slow and serial on the CPU,
     non-deterministic on CUDA) is ever run.
 
+    With ``packed=True`` the rows are only the *filled* buffer rows, expert-major in buffer order:
+    ``dispatch`` returns (F, D) with ``counts[e]`` rows for expert e and ``combine`` takes (F, D).
+    The same tokens are kept in the same slots; the empty capacity slots are simply never
+    materialised (finding them costs one host synchronisation).
+
     Args:
         routings: the chunks' routing plans, each with fields (G_c, S_c, K), in token order.
         pad: how empty rows are made zero (see :class:`_RowMap`); default: pad off the CPU, or when
             compiled.
+        packed: keep only the filled rows (see above).
     """
 
-    def __init__(self, routings: Sequence[Routing], *, pad: bool | None = None) -> None:
+    def __init__(self, routings: Sequence[Routing], *, pad: bool | None = None, packed: bool = False) -> None:
         self.num_experts, self.rows_per_expert, _offsets = _layout(routings)
-        self.positions = _positions(routings, self.rows_per_expert, _offsets)  # (N, K)
+        self.packed = packed
+        positions = _positions(routings, self.rows_per_expert, _offsets)  # (N, K), E*R where dropped
         self.weights = torch.cat([r.weights.reshape(-1, r.num_selected) for r in routings], dim=0)  # (N, K)
-        self.num_tokens, K = self.positions.shape
+        self.num_tokens, K = positions.shape
         total = self.num_experts * self.rows_per_expert
-        self.row_assign = _row_assignments(self.positions, total)  # (E*R,), N*K where empty
-        self.sources = torch.div(self.row_assign, K, rounding_mode="floor")  # (E*R,), N where empty
+        row_assign = _row_assignments(positions, total)  # (E*R,), N*K where empty
+        self.counts: list[int] | None = None
+        if packed:
+            filled = row_assign < self.num_tokens * K  # (E*R,)
+            keep = filled.nonzero().squeeze(1)  # (F,): the filled rows, expert-major (host sync)
+            self.counts = filled.view(self.num_experts, -1).sum(1).tolist()
+            rank = torch.cumsum(filled, 0) - 1  # buffer row -> packed row
+            rank = torch.cat([rank, rank.new_full((1,), keep.numel())])  # dropped (E*R) -> F
+            positions = rank[positions]
+            row_assign = row_assign.index_select(0, keep)
+            total = keep.numel()
+        self.positions = positions  # (N, K) row of each assignment, ``total_rows`` where dropped
+        self.total_rows = total
+        self.row_assign = row_assign  # (total_rows,) assignment n * K + k of each row, N*K where empty
+        self.sources = torch.div(row_assign, K, rounding_mode="floor")  # (total_rows,), N where empty
         if pad is None:  # the host-sync-free form off the CPU, and under torch.compile (static shapes)
             pad = self.positions.device.type != "cpu" or torch.compiler.is_compiling()
         self._to_rows = _RowMap(self.sources, self.num_tokens, pad)
@@ -218,24 +238,44 @@ class IndexDispatcher:
 
     def kept_scale(self, dtype: torch.dtype) -> torch.Tensor:
         """(N, K) 1 for kept assignments, 0 for dropped ones, in ``dtype``."""
-        total = self.num_experts * self.rows_per_expert
-        return (self.positions < total).to(dtype)
+        return (self.positions < self.total_rows).to(dtype)
 
     def dispatch(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (E, R, D) buffers, or (F, D) filled rows when packed."""
         if x.dim() != 2 or x.shape[0] != self.num_tokens:
             raise ValueError(f"dispatch expects ({self.num_tokens}, D) tokens, got {tuple(x.shape)}")
-        return _Dispatch.apply(x, self).view(self.num_experts, self.rows_per_expert, x.shape[1])
+        out = _Dispatch.apply(x, self)
+        return out if self.packed else out.view(self.num_experts, self.rows_per_expert, x.shape[1])
 
     def combine(self, y: torch.Tensor) -> torch.Tensor:
+        """(E, R, D) expert outputs, or (F, D) when packed -> (N, D)."""
         E, R = self.num_experts, self.rows_per_expert
-        if y.dim() != 3 or y.shape[0] != E or y.shape[1] != R:
-            raise ValueError(f"combine expects ({E}, {R}, D) expert outputs, got {tuple(y.shape)}")
-        return _Combine.apply(y.reshape(E * R, y.shape[2]), self.weights.to(y.dtype), self)
+        want = (self.total_rows,) if self.packed else (E, R)
+        if y.dim() != len(want) + 1 or tuple(y.shape[:-1]) != want:
+            raise ValueError(
+                f"combine expects ({', '.join(map(str, want))}, D) expert outputs, got {tuple(y.shape)}"
+            )
+        return _Combine.apply(y.reshape(self.total_rows, y.shape[-1]), self.weights.to(y.dtype), self)
+
+    def row_tokens(self) -> torch.Tensor:
+        """(total_rows,) int64: the token in each row (buffer or packed), -1 where the slot is empty."""
+        src = self.sources
+        return torch.where(src == self.num_tokens, torch.full_like(src, -1), src)
+
+    def row_experts(self) -> torch.Tensor:
+        """(total_rows,) int64: the expert each row belongs to."""
+        E = self.num_experts
+        device = self.sources.device
+        if self.counts is not None:
+            return torch.repeat_interleave(
+                torch.arange(E, device=device), torch.tensor(self.counts, device=device)
+            )
+        return torch.arange(E, device=device).repeat_interleave(self.rows_per_expert)
 
     def buffer_tokens(self) -> torch.Tensor:
-        N = self.num_tokens
-        src = self.sources.view(self.num_experts, self.rows_per_expert)
-        return torch.where(src == N, torch.full_like(src, -1), src)
+        if self.packed:
+            raise ValueError("a packed dispatcher has no (E, R) buffers; use row_tokens()")
+        return self.row_tokens().view(self.num_experts, self.rows_per_expert)
 
 
 class EinsumDispatcher:

@@ -229,9 +229,9 @@ class Experts(nn.Module):
         # shapes: the CPU's choice (benchmarks/RESULTS.md), never under torch.compile.
         return "packed" if buffers.device.type == "cpu" and not torch.compiler.is_compiling() else "bmm"
 
-    def wants_filled(self, buffers: torch.Tensor) -> bool:
-        """Whether :meth:`forward` uses the ``filled`` mask (so callers can skip computing it)."""
-        return self.resolved_impl(buffers) == "packed"
+    def wants_packed(self, x: torch.Tensor) -> bool:
+        """Whether the filled rows alone should be computed (callers then use :meth:`forward_rows`)."""
+        return self.resolved_impl(x) == "packed"
 
     def forward(
         self, buffers: torch.Tensor, rows: torch.Tensor | None = None, *, filled: torch.Tensor | None = None
@@ -255,7 +255,7 @@ class Experts(nn.Module):
         if impl == "packed" and filled is not None:
             index = filled.reshape(E * R).nonzero().squeeze(1)  # rows holding a token, expert-major
             if index.numel() < E * R:
-                return self._forward_packed(x, rows, index, filled.sum(1).tolist(), (w1, b1, w2, b2))
+                return self._forward_packed(x, rows, index, filled.sum(1).tolist())
             impl = "loop"
         if impl in ("loop", "packed") and not dropping:
             with torch.autocast(x.device.type, enabled=False):  # operands are already in dtype
@@ -298,31 +298,47 @@ class Experts(nn.Module):
         rows: torch.Tensor | None,
         index: torch.Tensor,
         counts: list[int],
-        weights: tuple[torch.Tensor, ...],
     ) -> torch.Tensor:
         """The filled rows only: (E, R, D) -> pack (F, D) -> per-expert MLP -> (E, R, D), 0 elsewhere."""
         E, R, D = buffers.shape
-        w1, b1, w2, b2 = weights
         x = _PackRows.apply(buffers.reshape(E * R, D), index)  # (F, D), expert-major
-        if not (self.training and self.p > 0):
-            with torch.autocast(buffers.device.type, enabled=False):  # operands are already in dtype
-                out = _GroupedMlp.apply(x, w1, b1, w2, b2, counts, self.act, _no_grad(x, w1, b1, w2, b2))
-            return out.new_zeros(E * R, out.shape[1]).index_copy(0, index, out).view(E, R, -1)
         ids = rows.reshape(E * R).index_select(0, index) if rows is not None else None  # (F,)
-        # unbind: one backward op per weight (indexing w1[e] would add E full-size zero gradients)
+        out = self.forward_rows(x, counts, ids)
+        return out.new_zeros(E * R, out.shape[1]).index_copy(0, index, out).view(E, R, -1)
+
+    def forward_rows(
+        self, x: torch.Tensor, counts: list[int], rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(F, D) -> (F, D): expert e's MLP on the e-th run of ``counts[e]`` rows (expert-major).
+
+        The input of a packed dispatcher (:class:`vmoe.moe.IndexDispatcher` with ``packed=True``).
+        ``rows``: (F,) global row ids for positional dropout.
+        """
+        if x.dim() != 2 or len(counts) != self.num_experts or sum(counts) != x.shape[0]:
+            raise ValueError(
+                f"forward_rows expects (sum(counts), D) rows and {self.num_experts} counts, "
+                f"got {tuple(x.shape)} and {len(counts)} counts summing to {sum(counts)}"
+            )
+        dtype = compute_dtype(x)
+        w1, b1, w2, b2 = (t.to(dtype) for t in (self.w1, self.b1, self.w2, self.b2))
+        x = x.to(dtype)
+        if not (self.training and self.p > 0):
+            with torch.autocast(x.device.type, enabled=False):  # operands are already in dtype
+                return _GroupedMlp.apply(x, w1, b1, w2, b2, counts, self.act, _no_grad(x, w1, b1, w2, b2))
+        # Dropout: plain autograd per expert. unbind: one backward op per weight (indexing w1[e]
+        # would add E full-size zero gradients).
         w1s, b1s, w2s, b2s = (t.unbind(0) for t in (w1, b1, w2, b2))
         outs = []
         start = 0
         for e, (xe, n) in enumerate(zip(x.split(counts), counts)):
-            r = ids[start : start + n] if ids is not None else None
+            r = rows[start : start + n] if rows is not None else None
             start += n
             h = activation(torch.addmm(b1s[e], xe, w1s[e]), self.act)  # (n, M)
             h = dropout(h, self.p, self.training, stream=self.stream, rows=r)
             outs.append(
                 dropout(torch.addmm(b2s[e], h, w2s[e]), self.p, self.training, stream=self.stream + 1, rows=r)
             )
-        out = torch.cat(outs)  # (F, D)
-        return out.new_zeros(E * R, out.shape[1]).index_copy(0, index, out).view(E, R, -1)
+        return torch.cat(outs)  # (F, D)
 
     def extra_repr(self) -> str:
         E, D, M = self.w1.shape

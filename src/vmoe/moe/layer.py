@@ -10,7 +10,7 @@ from torch import nn
 from vmoe import rng
 from vmoe.config import MoEConfig
 from vmoe.layers import Activation, compute_dtype
-from vmoe.moe.dispatch import make_dispatcher
+from vmoe.moe.dispatch import IndexDispatcher, make_dispatcher
 from vmoe.moe.experts import Experts
 from vmoe.moe.router import RouterOutput, TopKRouter
 
@@ -116,23 +116,34 @@ class MoEMlp(nn.Module):
             xc = x_flat[first * T : (first + groups * images) * T].view(groups, images * T, D)
             outs.append(self.router(xc, first_image=first, tokens_per_image=T))
         routings = [o.routing for o in outs]
-        dispatcher = make_dispatcher(self.cfg.dispatch, routings)
+        # The filled rows alone (no empty capacity slots) when the experts want them and run here.
+        packed = self.expert_comm is None and self.cfg.dispatch == "index" and self.experts.wants_packed(x)
+        dispatcher = (
+            IndexDispatcher(routings, packed=True) if packed else make_dispatcher(self.cfg.dispatch, routings)
+        )
         # Cast before the gather (N rows) rather than in the experts (k*C*N rows); same values.
-        buffers = dispatcher.dispatch(x_flat.to(compute_dtype(x_flat)))  # (E, R, D)
+        buffers = dispatcher.dispatch(x_flat.to(compute_dtype(x_flat)))  # (E, R, D), or (F, D) packed
         rows = None
         offset = rng.image_offset() if self.training and self.experts.p > 0 else None
         if offset is not None:
             # Global id of each (token, expert) assignment: layout-independent dropout masks.
-            tok = dispatcher.buffer_tokens()  # (E, R), -1 for empty slots
-            expert = torch.arange(self.num_experts, device=x.device).view(-1, 1)
+            if isinstance(dispatcher, IndexDispatcher):
+                tok, expert = dispatcher.row_tokens(), dispatcher.row_experts()
+            else:
+                tok = dispatcher.buffer_tokens()  # (E, R), -1 for empty slots
+                expert = torch.arange(self.num_experts, device=x.device).view(-1, 1)
             gtok = tok + offset * T
             rows = torch.where(tok >= 0, gtok * self.num_experts + expert, torch.full_like(tok, -1))
-        if self.expert_comm is not None:
+            if not packed:
+                rows = rows.view(self.num_experts, -1)
+        if packed:
+            assert isinstance(dispatcher, IndexDispatcher) and dispatcher.counts is not None
+            y = self.experts.forward_rows(buffers, dispatcher.counts, rows)
+        elif self.expert_comm is not None:
             local, local_rows = self.expert_comm.dispatch(buffers, rows)
             y = self.expert_comm.combine(self.experts(local, local_rows))
         else:
-            filled = dispatcher.buffer_tokens() >= 0 if self.experts.wants_filled(buffers) else None
-            y = self.experts(buffers, rows, filled=filled)
+            y = self.experts(buffers, rows)
         out = dispatcher.combine(y).view(B, T, D)
         return out, self._aux(outs, B, T)
 
