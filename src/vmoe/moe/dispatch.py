@@ -13,9 +13,9 @@ Both backends produce identical buffers, so an expert-parallel all-to-all can si
 
 - :class:`EinsumDispatcher`: GShard-style one-hot einsum, (G, S, E, C) tensors. The reference.
 - :class:`IndexDispatcher`: gather rows into the buffers, weighted gather back (forward and
-  backward are gathers only). No tensor of size S x E x C; the fast path. Gathers whose rows are
-  scaled by a routing weight or kept-mask anyway read a real row where the assignment was dropped
-  and multiply it by 0 (exact for finite values), so only the dispatch itself builds zero rows.
+  backward are gathers only). No tensor of size S x E x C; the fast path. The per-token sums over
+  K rows (combine, and the dispatch's adjoint) are one fused weighted gather (``embedding_bag``)
+  in which a dropped assignment reads a real row with weight 0 (exact for finite values).
 """
 
 from __future__ import annotations
@@ -100,8 +100,7 @@ class _RowMap:
     Two exact implementations of :meth:`gather`: ``pad`` gathers from ``src`` with a zero row appended
     (no host synchronisation; the default off the CPU), otherwise the sentinel rows are gathered from
     row 0 and then zero-filled, which saves copying ``src`` (the indices of those rows are found once,
-    with a host synchronisation that costs nothing on the CPU). :meth:`gather_scaled` needs neither:
-    its callers' weights are 0 on the sentinel rows.
+    with a host synchronisation that costs nothing on the CPU).
     """
 
     def __init__(self, index: torch.Tensor, sentinel: int, pad: bool) -> None:
@@ -109,7 +108,7 @@ class _RowMap:
         self.sentinel = sentinel
         self.raw = index
         missing = index == sentinel
-        self.index = index.masked_fill(missing, 0)  # sentinel rows read row 0 (then zeroed or scaled by 0)
+        self.index = index.masked_fill(missing, 0)  # sentinel rows read row 0 (then zeroed, or weighted 0)
         self.empty: torch.Tensor | None = None
         if not pad:
             empty = missing.nonzero().squeeze(1)
@@ -124,15 +123,6 @@ class _RowMap:
             out.index_fill_(0, self.empty, 0)
         return out
 
-    def gather_scaled(
-        self, src: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``src[index] * scale`` (``scale`` (len(index), 1), 0 on every sentinel row), or
-        ``out + src[index] * scale`` when ``out`` is given (in place). No copy of ``src``, no
-        zero-fill: the sentinel rows read row 0 and are multiplied by 0 (exact for finite ``src``)."""
-        rows = src.index_select(0, self.index)
-        return rows.mul_(scale) if out is None else out.addcmul_(rows, scale)
-
 
 class _Dispatch(torch.autograd.Function):
     """buffers = tokens gathered into rows; its adjoint is again a gather (each token's K rows)."""
@@ -146,26 +136,19 @@ class _Dispatch(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # (E*R, D) -> (N, D)
         d: IndexDispatcher = ctx.d
-        kept = d.kept_scale(g.dtype)  # (N, K), 0 where dropped
-        out = d._to_tokens[0].gather_scaled(g, kept[:, :1])
-        for k, m in enumerate(d._to_tokens[1:], start=1):
-            m.gather_scaled(g, kept[:, k : k + 1], out)
-        return out, None
+        return d.weighted_sum(g, d.kept_scale(g.dtype)), None
 
 
 class _Combine(torch.autograd.Function):
     """``out[n] = sum_k w[n, k] * y[pos[n, k]]``; both adjoints are gathers too (no scatter-add).
 
-    The weights are 0 on dropped assignments, so no gather here needs the zero row (no copy of ``y``).
+    The weights are 0 on dropped assignments, so no gather here needs a zero row (no copy of ``y``).
     """
 
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor, w: torch.Tensor, d: IndexDispatcher) -> torch.Tensor:
         # y (E*R, D), w (N, K) -> (N, D)
-        maps = d._to_tokens
-        out = maps[0].gather_scaled(y, w[:, :1])
-        for k, m in enumerate(maps[1:], start=1):
-            m.gather_scaled(y, w[:, k : k + 1], out)
+        out = d.weighted_sum(y, w)
         ctx.d = d
         ctx.save_for_backward(y, w)
         return out
@@ -234,7 +217,16 @@ class IndexDispatcher:
         if pad is None:  # the host-sync-free form off the CPU, and under torch.compile (static shapes)
             pad = self.positions.device.type != "cpu" or torch.compiler.is_compiling()
         self._to_rows = _RowMap(self.sources, self.num_tokens, pad)
-        self._to_tokens = [_RowMap(self.positions[:, k], total, pad) for k in range(K)]
+        # Each token's K rows; dropped assignments read row 0 and are weighted by 0.
+        self._bag = self.positions.masked_fill(self.positions == total, 0)  # (N, K)
+
+    def weighted_sum(self, src: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(total_rows, D), (N, K) -> (N, D): ``sum_k weights[n, k] * src[row of (n, k)]``.
+
+        One fused gather-multiply-add (``embedding_bag``); ``weights`` must be 0 on dropped
+        assignments (they read row 0; exact for finite ``src``).
+        """
+        return F.embedding_bag(self._bag, src, mode="sum", per_sample_weights=weights.to(src.dtype))
 
     def kept_scale(self, dtype: torch.dtype) -> torch.Tensor:
         """(N, K) 1 for kept assignments, 0 for dropped ones, in ``dtype``."""
