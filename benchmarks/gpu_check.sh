@@ -11,7 +11,7 @@
 #      implementation are checked against a float32 reference (outputs, every gradient and inference
 #      within 1e-2 relative, every kept token's row written), then every row is timed (CUDA events,
 #      warm-up, median of 20) with its peak memory: $OUT/moe_layer.{json,txt} (<= 150 s);
-#   4. benchmarks/train_throughput.py: V-MoE-B/16 (E=8, E=32; default experts and the loop and grouped_mm
+#   4. benchmarks/train_throughput.py: V-MoE-B/16 (E=8, E=32; default experts, and loop, packed, grouped_mm
 #      ones) training images/s against ViT-B/16, ours and timm's, with the FLOP-adjusted efficiency:
 #      $OUT/train_throughput.{json,txt} (<= 140 s).
 # Worst case 5 + 45 + 150 + 140 s = 5 min 40 s. Exit status: non-zero if any step fails.
@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 status=0
 if [ "$DEVICE" = cuda ]; then
     LAYER_ARGS=(--device cuda)
-    TRAIN_ARGS=(--device cuda --impls loop,grouped_mm)
+    TRAIN_ARGS=(--device cuda --impls loop,packed,grouped_mm)
 else  # the script's own dry run: tiny shapes on the CPU
     LAYER_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls loop,grouped_mm)
     TRAIN_ARGS=(--device cpu --small --repeats 2 --warmup 1 --impls loop)
