@@ -373,6 +373,22 @@ def build_variants(
     return variants
 
 
+def saved_bytes(step: Callable[[], Any]) -> int:
+    """Bytes of the distinct tensor storages autograd keeps for the backward during ``step`` (its
+    activation memory, parameters excluded): the memory an MoE layer adds to a training step."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            st = t.untyped_storage()
+            seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
 def _heap_alloc() -> None:
     """glibc: no mmap for large blocks and no trimming, so freed memory is reused without page faults."""
     import ctypes
@@ -410,6 +426,7 @@ def bench(
     for _ in range(warmup):
         for fn in variants.values():
             _written(fn())
+    saved = {name: saved_bytes(fn) for name, fn in variants.items() if not name.endswith("_fwd")}
     times: dict[str, list[float]] = {n: [] for n in variants}
     peak: dict[str, int] = {}
     for r in range(repeats):
@@ -429,6 +446,9 @@ def bench(
         ratio = statistics.median(t / f for t, f in zip(ts, times[floor]))
         row: dict[str, Any] = {"name": name, "ms": round(ms, 4), "ratio_to_floor": round(ratio, 4)}
         row["num_experts"] = s.num_experts
+        if name in saved:  # activation memory kept for the backward (deterministic, any device)
+            row["saved_mib"] = round(saved[name] / 2**20, 2)
+            row["saved_ratio_to_floor"] = round(saved[name] / max(saved["floor"], 1), 3)
         if peak:
             row["peak_mem_mib"] = round(peak[name] / 2**20, 1)
             row["mem_ratio_to_floor"] = round(peak[name] / max(peak[floor], 1), 3)
@@ -438,13 +458,17 @@ def bench(
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     mem = any("peak_mem_mib" in r for r in rows)
-    head = f"{'E':>3} {'name':<20} {'ms':>10} {'ratio_to_floor':>15}" + (
-        f" {'peak MiB':>10} {'mem ratio':>10}" if mem else ""
+    head = (
+        f"{'E':>3} {'name':<20} {'ms':>10} {'ratio_to_floor':>15} {'saved MiB':>10} {'saved ratio':>12}"
+        + (f" {'peak MiB':>10} {'mem ratio':>10}" if mem else "")
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         line = f"{r['num_experts']:>3} {r['name']:<20} {r['ms']:>10.3f} {r['ratio_to_floor']:>15.3f}"
+        line += (
+            f" {r.get('saved_mib', float('nan')):>10.2f} {r.get('saved_ratio_to_floor', float('nan')):>12.3f}"
+        )
         if mem:
             line += f" {r.get('peak_mem_mib', float('nan')):>10.1f} {r.get('mem_ratio_to_floor', float('nan')):>10.3f}"
         print(line)

@@ -30,6 +30,8 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert all(c["max_rel_err"] <= 1e-2 for c in layer["config"]["checks"].values())
     names = {r["name"] for r in layer["results"]}
     assert {"floor", "vmoe", "vmoe_loop", "vmoe_grouped_mm", "vmoe_loop_fwd"} <= names
+    train_rows = [r for r in layer["results"] if not r["name"].endswith("_fwd")]
+    assert all(r["saved_mib"] > 0 for r in train_rows)  # activation memory per fwd+bwd row
     train = json.loads((tmp_path / "train_throughput.json").read_text())
     names = [r["name"] for r in train["results"]]
     assert "vmoe_ti_e8[loop]" in names and "vit_ti" in names

@@ -316,6 +316,43 @@ def test_layer_packed_rows_with_dropout_match_buffers():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("impl", ["packed", "bmm", "loop"])
+def test_fast_path_never_builds_an_s_by_e_by_c_tensor(impl):
+    # Issue 6: nothing of size S x E x capacity on the fast path, forward or backward; the largest
+    # tensor any op produces is O(rows x M). The einsum reference does build one (the check can fail).
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    B, T, D, M, E = 4, 50, 4, 8, 8
+    sizes = {}
+    for dispatch in ("index", "einsum"):
+        layer = _layer(E=E, C=1.0, group_size=2, D=D, M=M, dispatch=dispatch)
+        layer.experts.impl = impl
+        x = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
+        with Largest() as mode:
+            y, aux = layer(x)
+            (y.square().sum() + aux["aux_loss"]).backward()
+        sizes[dispatch] = mode.numel
+    G, S = B // 2, 2 * T
+    C = aux["capacity"]  # per group, of the last (einsum) layer: the same routing
+    one_hot = G * S * E * int(C)
+    assert sizes["einsum"] >= one_hot
+    assert sizes["index"] <= max(B * T * M, E * G * int(C) * M), (sizes, one_hot)
+    assert sizes["index"] * 4 < one_hot
+
+
 # --------------------------------------------------------------------------------------------- router
 
 
