@@ -71,7 +71,8 @@ class _GroupedMlp(torch.autograd.Function):
             x.split(sizes), out.split(sizes), w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0)
         ):
             if epilogue:
-                torch.addmm(b2e, torch._addmm_activation(b1e, xe, w1e, use_gelu=True), w2e, out=oe)
+                if xe.shape[0]:  # (cuBLASLt is never asked for an empty product)
+                    torch.addmm(b2e, torch._addmm_activation(b1e, xe, w1e, use_gelu=True), w2e, out=oe)
                 continue
             h = torch.addmm(b1e, xe, w1e)  # (n, M)
             a = activation(h, act)
