@@ -316,6 +316,29 @@ def test_layer_packed_rows_with_dropout_match_buffers():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("impl", ["packed", "bmm"])
+def test_dropless_equals_per_token_reference(impl):
+    # capacity_factor=None: nothing is dropped, and y[t] = sum_k gate_k * expert_{e_k}(x[t]). The packed
+    # path materialises only the k*N filled rows of the E x S-per-group buffers.
+    from vmoe.layers import activation
+
+    layer = _layer(E=4, k=2, C=None, group_size=2).eval()
+    layer.experts.impl = impl
+    x = torch.randn(5, 6, 8, dtype=torch.float64)
+    layer.record_routing = True
+    y, aux = layer(x)
+    assert float(aux["dropped_fraction"]) == 0.0
+    r, ex = layer.last_routing, layer.experts
+    assert bool(r["kept"].all())
+    xf, want = x.reshape(-1, 8), torch.zeros(30, 8, dtype=torch.float64)
+    e_idx, gates = r["expert_index"].reshape(30, 2), r["gates"].reshape(30, -1)
+    for t in range(30):
+        for e in e_idx[t].tolist():
+            h = activation(xf[t] @ ex.w1[e] + ex.b1[e], ex.act)
+            want[t] += gates[t, e] * (h @ ex.w2[e] + ex.b2[e])
+    torch.testing.assert_close(y.reshape(30, 8), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("impl", ["packed", "bmm", "loop"])
 def test_fast_path_never_builds_an_s_by_e_by_c_tensor(impl):
     # Issue 6: nothing of size S x E x capacity on the fast path, forward or backward; the largest
