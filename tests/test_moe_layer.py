@@ -564,3 +564,15 @@ def test_benchmark_script_small(tmp_path):
     assert {"floor", "vmoe", "vmoe_einsum", "vmoe_bpr", "loop", "floor_fwd", "vmoe_fwd"} <= names
     assert all(r["ms"] > 0 and r["ratio_to_floor"] > 0 for r in res["results"])
     assert res["config"]["checks"]["E8"]["max_rel_err"] <= 1e-2
+
+
+def test_row_dots_chunked_float32_for_half_precision():
+    # The combine's weight gradient: float32 products and sums for bf16 rows, computed a chunk at a time
+    # (no float32 copy of the whole buffer), equal to the unchunked float32 result bit for bit.
+    from vmoe.moe.dispatch import _row_dots
+
+    a, b = torch.randn(1000, 24).bfloat16(), torch.randn(1000, 24).bfloat16()
+    want = torch.linalg.vecdot(a.float(), b.float())
+    got = _row_dots(a, b, chunk=300)  # 4 chunks, the last one partial
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    torch.testing.assert_close(_row_dots(a.double(), b.double()), want.double(), rtol=1e-6, atol=1e-6)

@@ -124,6 +124,19 @@ class _RowMap:
         return out
 
 
+def _row_dots(a: torch.Tensor, b: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """(R, D), (R, D) -> (R,) row-wise dot products; float32 products and sums for bf16/fp16 inputs
+    (the router's gradient stays accurate), converted ``chunk`` rows at a time so that no float32
+    copy of a whole (R, D) tensor is ever held (it would add to the peak memory of the backward)."""
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        return torch.linalg.vecdot(a, b)
+    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+    for start in range(0, a.shape[0], chunk):
+        end = start + chunk
+        torch.linalg.vecdot(a[start:end].float(), b[start:end].float(), out=out[start:end])
+    return out
+
+
 class _Dispatch(torch.autograd.Function):
     """buffers = tokens gathered into rows; its adjoint is again a gather (each token's K rows)."""
 
@@ -164,9 +177,8 @@ class _Combine(torch.autograd.Function):
         grad_w = grad_y = None
         if ctx.needs_input_grad[1]:
             # grad_w[n, k] = <g[n], y[pos[n, k]]> = dots[pos[n, k]]; 0 where dropped (the spare entry;
-            # the dots of empty rows are never read). Accumulated in float32 for bf16/fp16 y.
-            wide = y.dtype in (torch.float16, torch.bfloat16)
-            dots = torch.linalg.vecdot(y.float(), g_rows.float()) if wide else torch.linalg.vecdot(y, g_rows)
+            # the dots of empty rows are never read).
+            dots = _row_dots(y, g_rows)
             grad_w = F.pad(dots, (0, 1))[d.positions].to(w.dtype)  # (N, K)
         if ctx.needs_input_grad[0]:
             grad_y = g_rows.mul_(w_rows)
