@@ -56,9 +56,11 @@ class MoEMlp(nn.Module):
          S = group_size * T tokens; a last partial group is routed on its own.
       2. Route each group (:class:`TopKRouter`): fp32 logits, training noise, softmax, top-k,
          capacity buffers (vanilla or BPR), auxiliary losses per group.
-      3. Dispatch tokens into (E, R, D) capacity buffers (backend ``cfg.dispatch``).
-      4. Experts: two batched matmuls over the buffers (optionally via an expert-parallel
-         all-to-all, ``self.expert_comm``).
+      3. Dispatch tokens into (E, R, D) capacity buffers (backend ``cfg.dispatch``), or, when
+         the experts run packed (``cfg.experts_impl``; the CPU default), into (F, D) rows: only
+         the F filled slots, expert-major (same tokens, same slots).
+      4. Experts: the expert MLPs over the buffers or rows (:class:`Experts`; optionally via an
+         expert-parallel all-to-all, ``self.expert_comm``, which always moves full buffers).
       5. Combine: ``y[token] = sum over kept assignments of gate * expert_e(x[token])``; a token
          with every assignment dropped gets 0 (the residual carries it).
 
