@@ -555,6 +555,7 @@ def test_benchmark_script_small(tmp_path):
         out = tmp_path / "r.json"
         mod.main(
             ["--small", "--amp", "bf16", "--repeats", "1", "--warmup", "1", "--json", str(out), "--no-peers"]
+            + ["--impls", "bogus"]  # an extra row that cannot run is reported and left out, not fatal
         )
     finally:
         torch.set_num_threads(threads)
@@ -564,6 +565,8 @@ def test_benchmark_script_small(tmp_path):
     assert {"floor", "vmoe", "vmoe_einsum", "vmoe_bpr", "loop", "floor_fwd", "vmoe_fwd"} <= names
     assert all(r["ms"] > 0 and r["ratio_to_floor"] > 0 for r in res["results"])
     assert res["config"]["checks"]["E8"]["max_rel_err"] <= 1e-2
+    assert "experts_impl must be one of" in res["config"]["checks"]["E8_bogus"]["failed"]
+    assert "vmoe_bogus" not in names
 
 
 def test_row_dots_chunked_float32_for_half_precision():
