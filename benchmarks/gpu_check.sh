@@ -2,6 +2,7 @@
 # One-shot GPU check for issue 6 (shared PERF.md): correctness, then both benchmarks, in under 6 minutes.
 #
 #   OUT=/path/to/out bash benchmarks/gpu_check.sh        # on the H200 machine, from anywhere
+#   (carry .peers/ from `bash scripts/get_peers.sh` along to race fairscale's MOELayer in the same run)
 #   VMOE_CHECK_DEVICE=cpu OUT=/tmp/x bash benchmarks/gpu_check.sh   # dry run of this script on a CPU
 #
 # Runs from the source tree (PYTHONPATH=src, nothing installed):
@@ -18,6 +19,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+# Peer libraries (fairscale), when scripts/get_peers.sh put them there and the run carried .peers/.
+[ -d .peers ] && export PYTHONPATH="$PYTHONPATH:.peers"
 OUT="${OUT:-${1:-/tmp/vmoe_gpu_check}}"
 PY="${PYTHON:-python}"
 DEVICE="${VMOE_CHECK_DEVICE:-cuda}"

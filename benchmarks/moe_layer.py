@@ -17,7 +17,8 @@ Rows (``*_fwd``: forward only, eval mode, no grad; their ratio is to ``floor_fwd
     vmoe_<impl>  MoEMlp with the experts' matmuls forced to one implementation (``--impls``; on CUDA
                  by default loop, packed, grouped_mm next to auto's choice, bmm)
     loop         the same router, then a per-expert Python loop: gather by mask, MLP, scatter
-    fairscale / tutel   only when importable (never null)
+    fairscale / tutel   only when importable (never null): ``bash scripts/get_peers.sh`` puts fairscale
+                 in .peers/, then run with PYTHONPATH=.peers
 
 First the fast path, and each ``vmoe_<impl>`` variant, is checked against a float32 reference
 (einsum backend, no autocast): relative error <= 1e-2 in the output and every gradient, every output
