@@ -133,6 +133,16 @@ def loop_forward(layer: MoEMlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return y.view(B, T, D), aux
 
 
+def _peer_step(layer: torch.nn.Module) -> Callable[[torch.Tensor], Any]:
+    """A peer layer as ``x -> (y, aux loss)``, with the module attached for its parameters."""
+
+    def run(x: torch.Tensor) -> Any:
+        return layer(x), layer.l_aux
+
+    run.module = layer  # type: ignore[attr-defined]
+    return run
+
+
 def _peer_fairscale(s: Shapes, device: torch.device) -> Callable[[torch.Tensor], Any] | None:
     try:
         import torch.distributed as dist
@@ -154,11 +164,7 @@ def _peer_fairscale(s: Shapes, device: torch.device) -> Callable[[torch.Tensor],
         print(f"fairscale left out: {exc!r}", file=sys.stderr)
         return None
 
-    def run(x: torch.Tensor) -> Any:
-        return layer(x), layer.l_aux
-
-    run.module = layer  # type: ignore[attr-defined]
-    return run
+    return _peer_step(layer)
 
 
 def _peer_tutel(s: Shapes, device: torch.device, bpr: bool) -> Callable[[torch.Tensor], Any] | None:
@@ -189,11 +195,7 @@ def _peer_tutel(s: Shapes, device: torch.device, bpr: bool) -> Callable[[torch.T
         print(f"tutel left out: {exc!r}", file=sys.stderr)
         return None
 
-    def run(x: torch.Tensor) -> Any:
-        return layer(x), layer.l_aux
-
-    run.module = layer  # type: ignore[attr-defined]
-    return run
+    return _peer_step(layer)
 
 
 # ------------------------------------------------------------------------------------ correctness

@@ -1051,8 +1051,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. aux-loss ablation.
     if "ablation" not in args.skip:
-        from vmoe.eval.evaluate import evaluate
-
         seed = seeds[0]
         run("vmoe_k2_noaux", seed)
     if "ablation" not in args.skip and f"vmoe_k2_noaux_s{seeds[0]}" in trainers:
@@ -1069,14 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             for b in (True, False):
                 with vmoe.routing_overrides(tr.model, capacity_factor=PER_IMAGE_C, batch_priority=b):
-                    ev = evaluate(
-                        tr.model,
-                        tr.test_set,
-                        tr.info,
-                        batch_size=tr.cfg.eval_batch_size,
-                        device=tr.device,
-                        precision=tr.cfg.precision,
-                    )
+                    ev = tr.evaluate()
                 entry[f"accuracy_c0.5_{'bpr' if b else 'vanilla'}"] = ev["accuracy"]
             metrics = [
                 json.loads(ln) for ln in (Path(rec["run_dir"]) / "metrics.jsonl").read_text().splitlines()

@@ -197,40 +197,56 @@ def _check_dispatch_autograd(routings, xf: torch.Tensor) -> None:
 @pytest.mark.parametrize("impl", ["loop", "packed", "grouped_mm"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_experts_impls_equal_batched(impl, dropout):
-    # Every experts implementation = the batched one ("bmm") on the filled rows, 0 elsewhere for
-    # "packed", including positional dropout masks and all gradients. grouped_mm has no float64.
+    # Every experts implementation = the batched one ("bmm") on (E, R, D) buffers, including positional
+    # dropout masks, all gradients and inference. grouped_mm has no float64.
     if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip(f"torch {torch.__version__} has no torch._grouped_mm")
     dtype, tol = (torch.float32, 1e-5) if impl == "grouped_mm" else (torch.float64, 1e-12)
     torch.manual_seed(0)
     ex = Experts(3, 8, 16, dropout=dropout, init="independent").to(dtype)
     buf = torch.randn(3, 5, 8, dtype=dtype)
-    filled = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     rows = torch.arange(15).view(3, 5)
     res = []
     for name in (impl, "bmm"):
         ex.impl = name
         b = buf.clone().requires_grad_(True)
         with rng.positional_rng(seed=1):
-            y = ex(b, rows, filled=filled)
-        if name == "packed":
-            assert not y[~filled].any()
-        y = torch.where(filled.unsqueeze(-1), y, torch.zeros_like(y))
+            y = ex(b, rows)
         res.append((y, *torch.autograd.grad(y.square().sum(), [b, *ex.parameters()])))
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     ex.eval()  # inference (no autograd graph) through the same implementations
     with torch.inference_mode():
         ex.impl = impl
-        y_inf = ex(buf, rows, filled=filled)
+        y_inf = ex(buf, rows)
         ex.impl = "bmm"
-        y_ref = ex(buf, rows, filled=filled)
-    torch.testing.assert_close(
-        torch.where(filled.unsqueeze(-1), y_inf, 0),
-        torch.where(filled.unsqueeze(-1), y_ref, 0),
-        rtol=tol,
-        atol=tol,
-    )
+        torch.testing.assert_close(y_inf, ex(buf, rows), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_experts_forward_rows_equal_batched_on_filled_rows(dropout):
+    # The packed path: forward_rows over the filled rows only (an expert without rows included) equals
+    # the batched buffers on those rows, with the same dropout masks and gradients.
+    torch.manual_seed(0)
+    ex = Experts(3, 8, 16, dropout=dropout, init="independent").double()
+    buf = torch.randn(3, 5, 8, dtype=torch.float64)
+    filled = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    index, counts = filled.reshape(-1).nonzero()[:, 0], filled.sum(1).tolist()
+    rows = torch.arange(15).view(3, 5)
+    b = buf.clone().requires_grad_(True)
+    ex.impl = "bmm"
+    with rng.positional_rng(seed=1):
+        y_buf = ex(b, rows).reshape(15, 8)[index]
+    want = (y_buf, *torch.autograd.grad(y_buf.square().sum(), [b, *ex.parameters()]))
+    b = buf.clone().requires_grad_(True)
+    with rng.positional_rng(seed=1):
+        y_rows = ex.forward_rows(b.reshape(15, 8)[index], counts, rows.reshape(-1)[index])
+    got = (y_rows, *torch.autograd.grad(y_rows.square().sum(), [b, *ex.parameters()]))
+    assert y_rows.shape == (int(filled.sum()), 8)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="counts summing to 5"):
+        ex.forward_rows(buf.reshape(15, 8), [2, 0, 3])
 
 
 def test_experts_impl_validation():
@@ -246,25 +262,25 @@ def test_experts_impl_validation():
 
 @pytest.mark.parametrize("act", ["gelu_tanh", "gelu", "relu"])
 def test_grouped_mlp_matches_per_expert_autograd(act):
-    # The hand-written forward/backward over packed segments (an empty expert, a tail of unused rows)
+    # The hand-written forward/backward over packed segments (one expert without rows)
     # against plain autograd on per-expert slices, and torch.autograd.gradcheck in float64.
     from vmoe.layers import activation
     from vmoe.moe.experts import _GroupedMlp
 
     torch.manual_seed(0)
-    E, D, M, counts, tail = 3, 4, 5, [2, 0, 3], 2
+    E, D, M, counts = 3, 4, 5, [2, 0, 3]
     w1, b1, w2, b2 = (
         torch.randn(*s, dtype=torch.float64, requires_grad=True)
         for s in ((E, D, M), (E, M), (E, M, D), (E, D))
     )
-    x = torch.randn(sum(counts) + tail, D, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(sum(counts), D, dtype=torch.float64, requires_grad=True)
     y = _GroupedMlp.apply(x, w1, b1, w2, b2, counts, act)
     parts, start = [], 0
     for e, n in enumerate(counts):
         xe = x[start : start + n]
         start += n
         parts.append(activation(xe @ w1[e] + b1[e], act) @ w2[e] + b2[e])
-    ref = torch.cat([*parts, x[start:] * 0])
+    ref = torch.cat(parts)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(y)
     inputs = [x, w1, b1, w2, b2]
@@ -554,8 +570,21 @@ def test_benchmark_script_small(tmp_path):
     try:
         out = tmp_path / "r.json"
         mod.main(
-            ["--small", "--amp", "bf16", "--repeats", "1", "--warmup", "1", "--json", str(out), "--no-peers"]
-            + ["--impls", "bogus"]  # an extra row that cannot run is reported and left out, not fatal
+            [
+                *(
+                    "--small",
+                    "--amp",
+                    "bf16",
+                    "--repeats",
+                    "1",
+                    "--warmup",
+                    "1",
+                    "--json",
+                    str(out),
+                    "--no-peers",
+                ),
+                *("--impls", "bogus"),  # an extra row that cannot run is reported and left out, not fatal
+            ]
         )
     finally:
         torch.set_num_threads(threads)

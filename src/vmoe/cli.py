@@ -132,7 +132,7 @@ def _load_for_eval(checkpoint: str, data: str | None, device: str, max_images: i
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vmoe.eval.evaluate import DEFAULT_CAPACITIES, evaluate, sweep
-    from vmoe.eval.plots import format_table, plot_sweep
+    from vmoe.eval.plots import SWEEP_COLUMNS, format_table, plot_sweep
 
     model, test, info, dev, ck = _load_for_eval(args.checkpoint, args.data, args.device, args.max_images)
     t0 = time.perf_counter()
@@ -158,14 +158,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             device=dev,
             progress=not args.no_progress,
         )
-        cols = [
-            "capacity_factor",
-            "num_selected",
-            "batch_priority",
-            "accuracy",
-            "gflops_per_image",
-            "dropped_fraction",
-        ]
+        cols = list(SWEEP_COLUMNS)
         print(format_table(rows, cols))
         plot = (
             Path(args.plot)

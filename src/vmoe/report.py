@@ -23,7 +23,7 @@ def main_job(
     import vmoe
     from vmoe.eval.analyze import analyze
     from vmoe.eval.evaluate import sweep
-    from vmoe.eval.plots import format_table, plot_sweep
+    from vmoe.eval.plots import SWEEP_COLUMNS, format_table, plot_sweep
     from vmoe.train.config import apply_overrides
     from vmoe.train.loop import Trainer
     from vmoe.train.recipes import get_recipe
@@ -94,14 +94,7 @@ def main_job(
         "machine": platform.machine(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    cols = [
-        "capacity_factor",
-        "num_selected",
-        "batch_priority",
-        "accuracy",
-        "gflops_per_image",
-        "dropped_fraction",
-    ]
+    cols = list(SWEEP_COLUMNS)
     md = [
         f"# vmoe main job: {cfg.model} on {info.name}",
         "",

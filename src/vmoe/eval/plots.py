@@ -7,7 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "plot_sweep"]
+__all__ = ["SWEEP_COLUMNS", "format_table", "plot_sweep"]
+
+# The columns of a capacity sweep's table (``vmoe eval --sweep`` and the main job's report).
+SWEEP_COLUMNS = (
+    "capacity_factor",
+    "num_selected",
+    "batch_priority",
+    "accuracy",
+    "gflops_per_image",
+    "dropped_fraction",
+)
 
 
 def _plt():  # type: ignore[no-untyped-def]

@@ -13,22 +13,6 @@ from vmoe.layers import Activation, activation, compute_dtype, dropout, xavier_u
 __all__ = ["Experts"]
 
 
-class _PackRows(torch.autograd.Function):
-    """``src[index]`` for distinct indices; the adjoint is an ``index_copy`` (no serial scatter-add)."""
-
-    @staticmethod
-    def forward(ctx: Any, src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        ctx.num_rows = src.shape[0]
-        return src.index_select(0, index)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (index,) = ctx.saved_tensors
-        return g.new_zeros(ctx.num_rows, g.shape[1]).index_copy_(0, index, g), None
-
-
 _ACT_BACKWARD = {
     "gelu_tanh": lambda g, h, a: torch.ops.aten.gelu_backward(g, h, approximate="tanh"),
     "gelu": lambda g, h, a: torch.ops.aten.gelu_backward(g, h),
@@ -40,7 +24,7 @@ class _GroupedMlp(torch.autograd.Function):
     """Per-expert MLPs over consecutive row segments of one packed (F, D) tensor, fused by hand.
 
     ``out[seg_e] = act(x[seg_e] @ w1[e] + b1[e]) @ w2[e] + b2[e]``, ``seg_e`` the e-th run of
-    ``counts[e]`` rows (``sum(counts) <= F``; rows after the last segment give 0). Forward and
+    ``counts[e]`` rows (``sum(counts) == F``). Forward and
     backward go expert by expert, so each expert's (n, M) hidden activations are produced and
     consumed while they are still in cache, and every result is written in place into one
     preallocated tensor: no per-expert outputs to concatenate, no ``stack`` of E weight gradients,
@@ -60,15 +44,13 @@ class _GroupedMlp(torch.autograd.Function):
         act: Activation,
         epilogue: bool = False,
     ) -> torch.Tensor:  # x (F, D), w1 (E, D, M), b1 (E, M), w2 (E, M, D), b2 (E, D) -> (F, D)
-        tail = x.shape[0] - sum(counts)
         out = x.new_empty(x.shape[0], w2.shape[2])
-        sizes = [*counts, tail]
         hs: list[torch.Tensor] = []
         acts: list[torch.Tensor] = []
         # epilogue (inference on CUDA): bias + tanh-GELU in the cuBLASLt epilogue; nothing is saved.
         epilogue = epilogue and x.is_cuda and act == "gelu_tanh"
         for xe, oe, w1e, b1e, w2e, b2e in zip(
-            x.split(sizes), out.split(sizes), w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0)
+            x.split(counts), out.split(counts), w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0)
         ):
             if epilogue:
                 if xe.shape[0]:  # (cuBLASLt is never asked for an empty product)
@@ -79,9 +61,7 @@ class _GroupedMlp(torch.autograd.Function):
             torch.addmm(b2e, a, w2e, out=oe)
             hs.append(h)
             acts.append(a)
-        if tail:
-            out[-tail:].zero_()
-        ctx.sizes, ctx.act = sizes, act
+        ctx.counts, ctx.act = counts, act
         if not epilogue:
             ctx.save_for_backward(x, w1, w2, *hs, *acts)  # autograd's own bookkeeping: freed after backward
         return out
@@ -93,7 +73,7 @@ class _GroupedMlp(torch.autograd.Function):
         E = w1.shape[0]
         hs, acts = saved[:E], saved[E:]
         g = g.contiguous()
-        sizes: list[int] = ctx.sizes
+        counts: list[int] = ctx.counts
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         gx = torch.empty_like(x) if need_x else None
         gw1 = torch.empty_like(w1) if need_w1 else None
@@ -102,12 +82,12 @@ class _GroupedMlp(torch.autograd.Function):
         gb2 = w2.new_empty(E, w2.shape[2]) if need_b2 else None
         act_backward = _ACT_BACKWARD[ctx.act]
         none = [None] * E
-        gxs = gx.split(sizes) if gx is not None else none
+        gxs = gx.split(counts) if gx is not None else none
         gw1s, gw2s, gb1s, gb2s = (t.unbind(0) if t is not None else none for t in (gw1, gw2, gb1, gb2))
         for e, (ge, xe, h, a, w1t, w2t) in enumerate(
             zip(
-                g.split(sizes),
-                x.split(sizes),
+                g.split(counts),
+                x.split(counts),
                 hs,
                 acts,
                 w1.transpose(1, 2).unbind(0),
@@ -130,8 +110,6 @@ class _GroupedMlp(torch.autograd.Function):
                 torch.sum(gh, 0, out=gb1s[e])
             if gx is not None:
                 torch.mm(gh, w1t, out=gxs[e])
-        if gx is not None and sizes[-1]:
-            gxs[-1].zero_()
         return gx, gw1, gb1, gw2, gb2, None, None, None
 
 
@@ -158,14 +136,16 @@ class Experts(nn.Module):
     - ``"loop"``: per-expert ``addmm`` over each buffer (on CUDA the bias, and in inference the
       tanh-GELU too, run in the cuBLASLt epilogue), in one hand-written autograd Function that
       writes outputs and weight gradients in place. Static shapes, no host synchronisation.
-    - ``"packed"``: like ``"loop"``, but over the filled rows only (skips the empty capacity slots,
-      ~7-13% of the rows at C=1.05); needs the row counts on the host (one synchronisation).
+    - ``"packed"``: like ``"loop"``, but :class:`~vmoe.moe.MoEMlp` dispatches only the filled rows
+      (:class:`~vmoe.moe.IndexDispatcher` ``packed=True``, skipping the empty capacity slots, ~7-13%
+      of the rows at C=1.05) and runs :meth:`forward_rows` on them; needs the row counts on the host
+      (one synchronisation). Given (E, R, D) buffers directly, it runs as ``"loop"``.
     - ``"grouped_mm"``: ``torch._grouped_mm`` over the buffers (one kernel for all experts, CUDA
       sm90 bf16 fast path; needs D and M multiples of 8), bias and activation in a separate pass.
     - ``"auto"`` (default): ``"packed"`` on the CPU outside ``torch.compile``, else ``"bmm"``.
 
-    With dropout active in training, ``"loop"`` runs as ``"bmm"`` and ``"packed"`` runs its rows
-    through plain autograd (same masks: they are a function of the rows' global ids).
+    With dropout active in training, ``"loop"`` and ``"packed"`` run their rows through plain
+    autograd (same masks: they are a function of the rows' global ids).
 
     Args:
         num_experts: E (the experts held here).
@@ -234,36 +214,23 @@ class Experts(nn.Module):
         """Whether the filled rows alone should be computed (callers then use :meth:`forward_rows`)."""
         return self.resolved_impl(x) == "packed"
 
-    def forward(
-        self, buffers: torch.Tensor, rows: torch.Tensor | None = None, *, filled: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, buffers: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(E, R, D) -> (E, R, D).
 
         Args:
             buffers: the capacity buffers of the experts held here.
             rows: optional (E, R) int64 global ids of the buffer rows, for positional dropout.
-            filled: optional (E, R) bool, the rows that hold a token (used by ``"packed"``, whose
-                output is 0 in the other rows; without it every row is computed).
         """
         if buffers.dim() != 3 or buffers.shape[0] != self.num_experts:
             raise ValueError(f"experts expect ({self.num_experts}, R, D) buffers, got {tuple(buffers.shape)}")
         E, R, D = buffers.shape
+        impl = self.resolved_impl(buffers)
+        if impl in ("loop", "packed"):
+            flat_rows = rows.reshape(E * R) if rows is not None else None
+            return self.forward_rows(buffers.reshape(E * R, D), [R] * E, flat_rows).view(E, R, -1)
         dtype = compute_dtype(buffers)
         w1, b1, w2, b2 = (t.to(dtype) for t in (self.w1, self.b1, self.w2, self.b2))
         x = buffers.to(dtype)
-        impl = self.resolved_impl(buffers)
-        dropping = self.training and self.p > 0
-        if impl == "packed" and filled is not None:
-            index = filled.reshape(E * R).nonzero().squeeze(1)  # rows holding a token, expert-major
-            if index.numel() < E * R:
-                return self._forward_packed(x, rows, index, filled.sum(1).tolist())
-            impl = "loop"
-        if impl in ("loop", "packed") and not dropping:
-            with torch.autocast(x.device.type, enabled=False):  # operands are already in dtype
-                out = _GroupedMlp.apply(
-                    x.reshape(E * R, D), w1, b1, w2, b2, [R] * E, self.act, _no_grad(x, w1, b1, w2, b2)
-                )
-            return out.view(E, R, -1)
         if impl == "grouped_mm":
             return self._forward_grouped_mm(x, rows, (w1, b1, w2, b2))
         h = torch.baddbmm(b1.unsqueeze(1), x, w1)  # (E, R, M)
@@ -292,20 +259,6 @@ class Experts(nn.Module):
         h = dropout(activation(h, self.act), self.p, self.training, stream=self.stream, rows=rows)
         out = grouped_mm(h.reshape(E * R, M), w2, offs=offs).view(E, R, D) + b2.unsqueeze(1)
         return dropout(out, self.p, self.training, stream=self.stream + 1, rows=rows)
-
-    def _forward_packed(
-        self,
-        buffers: torch.Tensor,
-        rows: torch.Tensor | None,
-        index: torch.Tensor,
-        counts: list[int],
-    ) -> torch.Tensor:
-        """The filled rows only: (E, R, D) -> pack (F, D) -> per-expert MLP -> (E, R, D), 0 elsewhere."""
-        E, R, D = buffers.shape
-        x = _PackRows.apply(buffers.reshape(E * R, D), index)  # (F, D), expert-major
-        ids = rows.reshape(E * R).index_select(0, index) if rows is not None else None  # (F,)
-        out = self.forward_rows(x, counts, ids)
-        return out.new_zeros(E * R, out.shape[1]).index_copy(0, index, out).view(E, R, -1)
 
     def forward_rows(
         self, x: torch.Tensor, counts: list[int], rows: torch.Tensor | None = None
