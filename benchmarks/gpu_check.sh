@@ -2,20 +2,23 @@
 # One-shot GPU check for issue 6 (shared PERF.md): correctness, then both benchmarks, in under 6 minutes.
 #
 #   OUT=/path/to/out bash benchmarks/gpu_check.sh        # on the H200 machine, from anywhere
-#   (carry .peers/ from `bash scripts/get_peers.sh` along to race fairscale's MOELayer in the same run)
+#   (carry .peers/ from `TUTEL_SRC=... bash scripts/get_peers.sh` along to race fairscale's MOELayer and
+#   Tutel's moe_layer in the same run; Tutel's extension is built here from .peers/tutel-src/)
 #   VMOE_CHECK_DEVICE=cpu OUT=/tmp/x bash benchmarks/gpu_check.sh   # dry run of this script on a CPU
 #
 # Runs from the source tree (PYTHONPATH=src, nothing installed):
-#   1. the environment (torch, CUDA, GPU, torch._grouped_mm present or not);
+#   1. the environment (torch, CUDA, GPU, torch._grouped_mm present or not); when .peers/tutel-src/ is
+#      there, Tutel is built in the background (one C++ file on one core, <= 170 s, while steps 2 and 3
+#      run; log in $OUT/tutel_build.log), and raced in step 4 if the build succeeded;
 #   2. the CUDA unit tests (pytest -m gpu), when pytest and hypothesis are importable (<= 45 s);
-#   3. benchmarks/moe_layer.py: for E=8 and E=32 at V-MoE-B/16 shapes, the fast path and every experts
+#   3. benchmarks/train_throughput.py: V-MoE-B/16 (E=8, E=32; default experts, and loop, packed, grouped_mm
+#      ones) training images/s against ViT-B/16, ours and timm's, with the FLOP-adjusted efficiency:
+#      $OUT/train_throughput.{json,txt} (<= 140 s);
+#   4. benchmarks/moe_layer.py: for E=8 and E=32 at V-MoE-B/16 shapes, the fast path and every experts
 #      implementation are checked against a float32 reference (outputs, every gradient and inference
 #      within 1e-2 relative, every kept token's row written), then every row is timed (CUDA events,
-#      warm-up, median of 20) with its peak memory: $OUT/moe_layer.{json,txt} (<= 150 s);
-#   4. benchmarks/train_throughput.py: V-MoE-B/16 (E=8, E=32; default experts, and loop, packed, grouped_mm
-#      ones) training images/s against ViT-B/16, ours and timm's, with the FLOP-adjusted efficiency:
-#      $OUT/train_throughput.{json,txt} (<= 140 s).
-# Worst case 5 + 45 + 150 + 140 s = 5 min 40 s. Exit status: non-zero if any step fails.
+#      warm-up, median of 20) with its peak memory: $OUT/moe_layer.{json,txt} (<= 150 s).
+# Worst case 5 + 45 + 140 + 150 s = 5 min 40 s (the Tutel build overlaps steps 2-3). Exit status: non-zero if any step fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
@@ -26,6 +29,15 @@ PY="${PYTHON:-python}"
 DEVICE="${VMOE_CHECK_DEVICE:-cuda}"
 mkdir -p "$OUT"
 status=0
+tutel_pid=""
+if [ -f .peers/tutel-src/setup.py ]; then
+    TUTEL_DIR="$(mktemp -d)"
+    echo "== building Tutel from .peers/tutel-src in the background (log: $OUT/tutel_build.log)"
+    no_cuda=1; [ "$DEVICE" = cuda ] && no_cuda=0
+    (cp -r .peers/tutel-src "$TUTEL_DIR/src" && NO_CUDA=$no_cuda timeout 170 "$PY" -m pip install --no-build-isolation \
+        --no-deps --target "$TUTEL_DIR/site" "$TUTEL_DIR/src") >"$OUT/tutel_build.log" 2>&1 &
+    tutel_pid=$!
+fi
 if [ "$DEVICE" = cuda ]; then
     LAYER_ARGS=(--device cuda)
     TRAIN_ARGS=(--device cuda --impls loop,packed,grouped_mm)
@@ -52,11 +64,20 @@ else
     echo "== pytest/hypothesis not importable: unit tests skipped (the benchmark's own check still runs)"
 fi
 
-echo "== benchmarks/moe_layer.py ${LAYER_ARGS[*]}"
-timeout 150 "$PY" benchmarks/moe_layer.py "${LAYER_ARGS[@]}" --json "$OUT/moe_layer.json" 2>&1 | tee "$OUT/moe_layer.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== benchmarks/train_throughput.py ${TRAIN_ARGS[*]}"
 timeout 140 "$PY" benchmarks/train_throughput.py "${TRAIN_ARGS[@]}" --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ -n "$tutel_pid" ]; then
+    if wait "$tutel_pid"; then
+        echo "== Tutel built: raced below"
+        LAYER_PYTHONPATH="$TUTEL_DIR/site:$PYTHONPATH"  # ahead of .peers/ (whose build is for another machine)
+    else
+        echo "== Tutel build failed (tail of $OUT/tutel_build.log below): raced without it"
+        tail -5 "$OUT/tutel_build.log"
+    fi
+fi
+echo "== benchmarks/moe_layer.py ${LAYER_ARGS[*]}"
+PYTHONPATH="${LAYER_PYTHONPATH:-$PYTHONPATH}" timeout 150 "$PY" benchmarks/moe_layer.py "${LAYER_ARGS[@]}" --json "$OUT/moe_layer.json" 2>&1 | tee "$OUT/moe_layer.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== done (status $status); results in $OUT"
 exit $status

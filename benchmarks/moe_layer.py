@@ -17,8 +17,10 @@ Rows (``*_fwd``: forward only, eval mode, no grad; their ratio is to ``floor_fwd
     vmoe_<impl>  MoEMlp with the experts' matmuls forced to one implementation (``--impls``; on CUDA
                  by default loop, packed, grouped_mm next to auto's choice, bmm)
     loop         the same router, then a per-expert Python loop: gather by mask, MLP, scatter
-    fairscale / tutel   only when importable (never null): ``bash scripts/get_peers.sh`` puts fairscale
-                 in .peers/, then run with PYTHONPATH=.peers
+    fairscale / tutel / tutel_bpr   peers, only when importable (never null):
+                 ``TUTEL_SRC=<microsoft/tutel checkout> bash scripts/get_peers.sh`` builds both into
+                 .peers/, then run with PYTHONPATH=.peers (Tutel: top-2, gate noise 1/E, fp32 gate,
+                 the same capacity factor; BPR off / on)
 
 First the fast path, and each ``vmoe_<impl>`` variant, is checked against a float32 reference
 (einsum backend, no autocast): relative error <= 1e-2 in the output and every gradient, every output
@@ -170,7 +172,12 @@ def _peer_fairscale(s: Shapes, device: torch.device) -> Callable[[torch.Tensor],
 def _peer_tutel(s: Shapes, device: torch.device, bpr: bool) -> Callable[[torch.Tensor], Any] | None:
     try:
         from tutel import moe as tutel_moe
-    except Exception:
+    except ModuleNotFoundError as exc:
+        if exc.name != "tutel":  # present, but a part of it is missing (e.g. its extension)
+            print(f"tutel left out: {exc!r}", file=sys.stderr)
+        return None
+    except Exception as exc:  # e.g. an extension built for another Python or machine
+        print(f"tutel left out: {exc!r}", file=sys.stderr)
         return None
     try:
         layer = tutel_moe.moe_layer(
