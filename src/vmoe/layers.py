@@ -11,7 +11,15 @@ from torch import nn
 
 from vmoe import rng
 
-__all__ = ["Activation", "Mlp", "activation", "compute_dtype", "dropout", "xavier_uniform_"]
+__all__ = [
+    "Activation",
+    "Mlp",
+    "activation",
+    "compute_dtype",
+    "dropout",
+    "prefer_static_shapes",
+    "xavier_uniform_",
+]
 
 Activation = Literal["gelu_tanh", "gelu", "relu"]
 
@@ -33,6 +41,15 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(kind):  # the device-type forms exist from torch 2.4
         return torch.get_autocast_dtype(kind)
     return x.dtype
+
+
+def prefer_static_shapes(device: torch.device) -> bool:
+    """Whether MoE code on ``device`` should avoid host synchronisation and data-dependent shapes.
+
+    True off the CPU (a sync stalls the GPU's queue; static shapes allow CUDA graphs) and inside
+    ``torch.compile``; on the CPU a sync is free, and skipping empty capacity slots pays.
+    """
+    return device.type != "cpu" or torch.compiler.is_compiling()
 
 
 def dropout(

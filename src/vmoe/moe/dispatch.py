@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from vmoe.layers import prefer_static_shapes
 from vmoe.moe.routing import Routing
 
 __all__ = ["Dispatcher", "EinsumDispatcher", "IndexDispatcher", "make_dispatcher"]
@@ -227,7 +228,7 @@ class IndexDispatcher:
         self.row_assign = row_assign  # (total_rows,) assignment n * K + k of each row, N*K where empty
         self.sources = torch.div(row_assign, K, rounding_mode="floor")  # (total_rows,), N where empty
         if pad is None:  # the host-sync-free form off the CPU, and under torch.compile (static shapes)
-            pad = self.positions.device.type != "cpu" or torch.compiler.is_compiling()
+            pad = prefer_static_shapes(self.positions.device)
         self._to_rows = _RowMap(self.sources, self.num_tokens, pad)
         # Each token's K rows; dropped assignments read row 0 and are weighted by 0.
         self._bag = self.positions.masked_fill(self.positions == total, 0)  # (N, K)

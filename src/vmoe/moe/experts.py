@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from vmoe.layers import Activation, activation, compute_dtype, dropout, xavier_uniform_
+from vmoe.layers import Activation, activation, compute_dtype, dropout, prefer_static_shapes, xavier_uniform_
 
 __all__ = ["Experts"]
 
@@ -208,7 +208,7 @@ class Experts(nn.Module):
             return self._impl
         # Packing skips the empty capacity slots at the price of a host sync and data-dependent
         # shapes: the CPU's choice (benchmarks/RESULTS.md), never under torch.compile.
-        return "packed" if buffers.device.type == "cpu" and not torch.compiler.is_compiling() else "bmm"
+        return "bmm" if prefer_static_shapes(buffers.device) else "packed"
 
     def wants_packed(self, x: torch.Tensor) -> bool:
         """Whether the filled rows alone should be computed (callers then use :meth:`forward_rows`)."""
