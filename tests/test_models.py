@@ -338,6 +338,13 @@ def test_routing_overrides_change_and_restore():
     caps = [layer.router.cfg.capacity_factor for _, layer in model.moe_layers()]
     assert caps == [4.0, 1.05, 4.0] and model.cfg.moe.router.capacity_factor == 1.05
     assert vmoe.set_routing is set_routing and vmoe.routing_overrides is routing_overrides
+    # A wrapped model (DDP, a user's module) keeps the block numbering.
+    wrapped = torch.nn.Sequential(model)
+    set_routing(wrapped, capacity_factor=0.5, layers=[3])
+    caps = [layer.router.cfg.capacity_factor for _, layer in model.moe_layers()]
+    assert caps == [4.0, 0.5, 4.0]
+    with pytest.raises(ValueError, match=r"MoE blocks are \[1, 3, 5\]"):
+        set_routing(wrapped, capacity_factor=0.5, layers=[0])
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -359,6 +366,23 @@ def test_dense_flops_hand_count():
     )
     assert flops_per_image(model.cfg) == total
     assert vmoe.gflops_per_image(model) == pytest.approx(0.365699328)
+
+
+def test_map_head_flops_hand_count_and_counter():
+    model = vmoe.create_model("vit_ti", classifier="map").eval()
+    D, T, M = 192, 64, 768  # a MAP head: no class token, the 64 patches
+    # MACs x 2: probe q (D x D), k and v of every token (2 x T x D x D), QK^T and AV (2 x T x D),
+    # out (D x D), MLP on the probe row (2 x D x M), classifier (D x 10).
+    head = 2 * (D * D + 2 * T * D * D + 2 * T * D + D * D) + 2 * 2 * D * M + 2 * D * 10
+    assert flops_breakdown(model)["head"] == head
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tokens = torch.randn(1, T, D)
+    with FlopCounterMode(display=False) as counter:
+        model.forward_head(tokens)
+    counted = counter.get_total_flops()
+    sdpa = 2 * 2 * T * D  # not counted for the CPU kernel on every torch version
+    assert counted in (head, head - sdpa), (counted, head)
 
 
 def test_moe_flops_static_and_realized():
@@ -459,6 +483,18 @@ def test_errors():
         vmoe.create_model("vmoe_ti", group_size=-2)
     with pytest.raises(ValueError, match="is dense"):
         vmoe.create_model("vit_ti", capacity_factor=2.0)
+    # A placement alone turns a dense model into an MoE one; "none" keeps it dense.
+    assert get_config("vit_s32", moe_layers="last:2").moe_block_indices == (5, 7)
+    assert get_config("vit_s32", moe_layers="none").moe is None
+    for bad in ("every:-2", "last=-2"):
+        with pytest.raises(ValueError, match="moe_layers must be"):
+            moe_layer_indices(bad, 8)
+    with pytest.raises(ValueError, match="batch_priority must be true or false, got 'false'"):
+        vmoe.create_model("vmoe_ti", batch_priority="false")
+    with pytest.raises(ValueError, match="capacity_factor must be a number > 0"):
+        vmoe.create_model("vmoe_ti", capacity_factor=True)
+    with pytest.raises(ValueError, match=r"num_experts must be a positive integer, got 8\.0 \(a float"):
+        vmoe.create_model("vmoe_ti", num_experts=8.0)
     with pytest.raises(ValueError, match="moe_layers"):
         vmoe.create_model("vmoe_ti", moe_layers="first:2")
     with pytest.raises(ValueError, match=r"block index 6 not in \[0, 6\)"):

@@ -594,6 +594,18 @@ def test_layer_bad_input():
         _router()(torch.randn(10, 6))
     with pytest.raises(ValueError, match="'gather'"):
         MoEConfig(dispatch="gather")
+    with pytest.raises(ValueError, match="batch of >= 1 image, got 0"):
+        layer(torch.randn(0, 5, 8, dtype=torch.float64))
+    # Both dispatchers check the shape of the expert outputs they combine.
+    layer.eval()
+    layer(torch.randn(3, 5, 8, dtype=torch.float64))
+    routings = [layer.router(torch.randn(1, 15, 8, dtype=torch.float64)).routing]
+    for d in (IndexDispatcher(routings), EinsumDispatcher(routings)):
+        E, R = d.num_experts, d.rows_per_expert
+        d.combine(torch.randn(E, R, 8, dtype=torch.float64))
+        for shape in ((E, R + 5, 8), (E + 1, R, 8), (E * R, 8)):
+            with pytest.raises(ValueError, match=f"combine expects \\({E}, {R}, D\\)"):
+                d.combine(torch.randn(*shape, dtype=torch.float64))
 
 
 def test_routing_chunks():

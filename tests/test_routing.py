@@ -324,8 +324,10 @@ def test_bad_input_raises_value_error():
         top_experts_per_item(g, 4, 2)  # k > E = 3
     with pytest.raises(ValueError, match="got 0"):
         top_experts_per_item(g, 0, 2)
-    with pytest.raises(ValueError, match="capacity must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="capacity must be an integer >= 1, got 0"):
         top_experts_per_item(g, 2, 0)
+    with pytest.raises(ValueError, match=r"capacity must be an integer >= 1, got 2\.5"):
+        top_experts_per_item(g, 2, 2.5)
     with pytest.raises(ValueError, match="'mean'"):
         top_experts_per_item(g, 2, 2, batch_priority=True, priority="mean")
     with pytest.raises(ValueError, match="k=3"):

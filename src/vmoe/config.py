@@ -19,7 +19,8 @@ DispatchBackend = Literal["index", "einsum"]
 
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        kind = "" if isinstance(value, int) else f" (a {type(value).__name__}, not a Python int)"
+        raise ValueError(f"{name} must be a positive integer, got {value!r}{kind}")
 
 
 def _non_negative(name: str, value: Any) -> None:
@@ -71,6 +72,7 @@ class RouterConfig:
             )
         if self.capacity_factor is not None and (
             not isinstance(self.capacity_factor, (int, float))
+            or isinstance(self.capacity_factor, bool)
             or not math.isfinite(self.capacity_factor)
             or self.capacity_factor <= 0
         ):
@@ -78,6 +80,8 @@ class RouterConfig:
                 f"capacity_factor must be a number > 0 (or None for dropless), got {self.capacity_factor!r}"
             )
         _non_negative("noise_std", self.noise_std)
+        if not isinstance(self.batch_priority, bool):
+            raise ValueError(f"batch_priority must be true or false, got {self.batch_priority!r}")
         if self.priority not in ("max", "sum"):
             raise ValueError(f"priority must be 'max' or 'sum', got {self.priority!r}")
         if self.capacity_rounding not in ("ceil", "round"):
@@ -132,7 +136,7 @@ def replace(obj: Any, **changes: Any) -> Any:
 
 
 Classifier = Literal["token", "gap", "map"]
-_PLACEMENT = re.compile(r"^\s*(every|last)[\s:_=-]*(\d+)\s*$", re.IGNORECASE)
+_PLACEMENT = re.compile(r"^\s*(every|last)[\s:_=]*(\d+)\s*$", re.IGNORECASE)
 
 
 def moe_layer_indices(spec: str | list[int] | tuple[int, ...], num_layers: int) -> tuple[int, ...]:

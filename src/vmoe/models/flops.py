@@ -97,8 +97,8 @@ def flops_breakdown(
         out["experts"] += expert_rows_per_image(router, T, group) * mlp_one
     head = 0.0
     if cfg.classifier == "map":
-        # probe query 1xDxD, key/value 2xTxDxD, QK^T and AV 2xTxD, out DxD, MLP.
-        head += 2.0 * (D * D + 2 * T * D + 2 * T * D + D * D) + mlp_one
+        # MACs: probe query 1xDxD, key/value 2xTxDxD, QK^T and AV 2xTxD, out DxD; then the MLP on 1 row.
+        head += 2.0 * (D * D + 2 * T * D * D + 2 * T * D + D * D) + mlp_one
     F = D
     if cfg.representation_size is not None:
         head += 2.0 * D * cfg.representation_size

@@ -23,7 +23,7 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-from vmoe.config import ModelConfig, MoEConfig, RouterConfig
+from vmoe.config import ModelConfig, MoEConfig, RouterConfig, moe_layer_indices
 from vmoe.config import replace as cfg_replace
 from vmoe.models.vit import VisionTransformer, build_model
 
@@ -99,13 +99,17 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     moe_kw = {k: v for k, v in overrides.items() if k in _MOE_KEYS}
     model_kw = {k: v for k, v in overrides.items() if k in _MODEL_KEYS}
     moe = model_kw.pop("moe", cfg.moe)
-    if (router_kw or moe_kw) and moe is None:
-        if "num_experts" not in router_kw and "moe_layers" not in model_kw:
-            raise ValueError(
-                f"model {name!r} is dense; MoE options {sorted({*router_kw, *moe_kw})} need "
-                "num_experts= or moe_layers= to add MoE layers"
-            )
+    # On a dense model, num_experts= or a placement with MoE blocks (moe_layers=) adds MoE layers.
+    places = "moe_layers" in model_kw and bool(
+        moe_layer_indices(model_kw["moe_layers"], model_kw.get("num_layers", cfg.num_layers))
+    )
+    if moe is None and ("num_experts" in router_kw or places):
         moe = MoEConfig()
+    elif moe is None and (router_kw or moe_kw):
+        raise ValueError(
+            f"model {name!r} is dense; MoE options {sorted({*router_kw, *moe_kw})} need "
+            "num_experts= or moe_layers= to add MoE layers"
+        )
     if moe is not None and (router_kw or moe_kw):
         if isinstance(moe, dict):
             moe = MoEConfig(**moe)

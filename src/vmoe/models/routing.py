@@ -29,8 +29,11 @@ UNSET: Any = _Unset()
 
 
 def _moe_layers(model: nn.Module) -> list[tuple[int, MoEMlp]]:
-    if hasattr(model, "moe_layers") and callable(model.moe_layers):
-        return list(model.moe_layers())
+    """(block index, layer) of every MoE layer; a wrapped model (DDP, compile, a user's module)
+    is searched for the model that numbers its blocks, else the layers are numbered in order."""
+    for mod in (model, *model.modules()):
+        if callable(getattr(mod, "moe_layers", None)):
+            return list(mod.moe_layers())
     found = [mod for mod in model.modules() if isinstance(mod, MoEMlp)]
     return list(enumerate(found))
 

@@ -97,6 +97,7 @@ class Attention(nn.Module):
             nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D)."""
         B, T, D = x.shape
         H = self.num_heads
         q, k, v = self.qkv(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
@@ -135,6 +136,7 @@ class MAPHead(nn.Module):
         self.norm.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) tokens -> (B, D) the probe's output."""
         B, T, D = x.shape
         H = self.num_heads
         q = self.q(self.latent.expand(B, -1, -1)).view(B, 1, H, D // H).transpose(1, 2)
@@ -179,6 +181,10 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        """(B, T, D) -> ((B, T, D), the MoE layer's aux or None for a dense block).
+
+        ``rows``: optional (B, T) global token ids for positional dropout.
+        """
         y = self.attn(self.norm1(x))
         x = x + dropout(y, self.p, self.training, stream=self.stream, rows=rows)
         h = self.norm2(x)
@@ -248,6 +254,7 @@ class PatchEmbed(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, P, D) patch embeddings, P = (H / ph) * (W / pw)."""
         return self.proj(x).flatten(2).transpose(1, 2)
 
 

@@ -278,6 +278,7 @@ class IndexDispatcher:
         return torch.arange(E, device=device).repeat_interleave(self.rows_per_expert)
 
     def buffer_tokens(self) -> torch.Tensor:
+        """(E, R) int64: the token in each buffer row, -1 where the slot is empty (not when packed)."""
         if self.packed:
             raise ValueError("a packed dispatcher has no (E, R) buffers; use row_tokens()")
         return self.row_tokens().view(self.num_experts, self.rows_per_expert)
@@ -298,6 +299,7 @@ class EinsumDispatcher:
         self._dispatch = [r.dense_dispatch() for r in routings]
 
     def dispatch(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) tokens -> (E, R, D) buffers (zeros in empty slots), by one-hot einsums."""
         if x.dim() != 2 or x.shape[0] != self.num_tokens:
             raise ValueError(f"dispatch expects ({self.num_tokens}, D) tokens, got {tuple(x.shape)}")
         bufs, start = [], 0
@@ -309,6 +311,10 @@ class EinsumDispatcher:
         return torch.cat(bufs, dim=1) if len(bufs) > 1 else bufs[0]
 
     def combine(self, y: torch.Tensor) -> torch.Tensor:
+        """(E, R, D) expert outputs -> (N, D) weighted sums over each token's kept assignments."""
+        E, R = self.num_experts, self.rows_per_expert
+        if y.dim() != 3 or tuple(y.shape[:2]) != (E, R):
+            raise ValueError(f"combine expects ({E}, {R}, D) expert outputs, got {tuple(y.shape)}")
         outs, start = [], 0
         for comb in self._combine:
             G, S, E, C = comb.shape
@@ -318,6 +324,7 @@ class EinsumDispatcher:
         return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
 
     def buffer_tokens(self) -> torch.Tensor:
+        """(E, R) int64: the token in each buffer row, -1 where the slot is empty."""
         _, rows, offsets = _layout(self.routings)
         positions = _positions(self.routings, rows, offsets)
         src = _sources(positions, self.num_experts, rows).view(self.num_experts, rows)

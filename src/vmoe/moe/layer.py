@@ -40,6 +40,8 @@ def routing_chunks(batch: int, group_size: int) -> list[tuple[int, int, int]]:
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1 image, got {group_size}")
+    if batch < 1:
+        raise ValueError(f"an MoE layer needs a batch of >= 1 image, got {batch}")
     g = min(group_size, batch)
     full = batch // g
     chunks = [(0, full, g)]

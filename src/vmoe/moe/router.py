@@ -68,9 +68,10 @@ class RouterOutput:
     Attributes:
         routing: the routing plan, fields (G, S, K).
         aux_loss: (G,) weighted auxiliary loss of each group.
-        importance_loss, load_loss, gshard_loss, z_loss: (G,) unweighted, detached metrics
-            (``load_loss`` is 0 when no noise was added, i.e. in evaluation).
         gates: (G, S, E) the gates used for routing (noisy in training).
+        metrics: (G,) unweighted, detached metrics under the keys ``importance_loss``,
+            ``load_loss`` (0 when no noise was added, i.e. in evaluation), ``gshard_loss`` and
+            ``z_loss``.
     """
 
     routing: Routing

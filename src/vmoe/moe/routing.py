@@ -203,8 +203,8 @@ def top_experts_per_item(
     num_experts = gates.shape[-1]
     if not 1 <= num_selected <= num_experts:
         raise ValueError(f"num_selected must be in [1, num_experts={num_experts}], got {num_selected}")
-    if capacity < 1:
-        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    if not isinstance(capacity, (int, torch.SymInt)) or isinstance(capacity, bool) or capacity < 1:
+        raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
     if priority not in ("max", "sum"):
         raise ValueError(f"priority must be 'max' or 'sum', got {priority!r}")
     squeeze = gates.dim() == 2
