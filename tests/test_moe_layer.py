@@ -260,6 +260,39 @@ def test_experts_impl_validation():
             ex(torch.zeros(2, 3, 4))
 
 
+def test_auto_packs_mostly_empty_buffers_off_the_cpu(monkeypatch):
+    """Off the CPU, auto runs batched over the buffers unless at most half of their rows can be
+    filled (dropless routing: E/k times the rows); then it packs, with the same result."""
+    import vmoe.moe.dispatch
+    import vmoe.moe.experts
+
+    for mod in (vmoe.moe.dispatch, vmoe.moe.experts):
+        monkeypatch.setattr(mod, "prefer_static_shapes", lambda device: True)
+    ex = Experts(2, 4, 6)
+    x = torch.zeros(2, 3, 4)
+    assert [ex.resolved_impl(x, f) for f in (1.0, 0.9, 0.5, 0.25)] == ["bmm", "bmm", "packed", "packed"]
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert ex.resolved_impl(x, 0.25) == "bmm"  # static shapes under compile
+    ex.impl = "bmm"
+    assert ex.resolved_impl(x, 0.25) == "bmm"  # an explicit choice stands
+
+    packed_calls = []
+    forward_rows = Experts.forward_rows
+    monkeypatch.setattr(
+        Experts, "forward_rows", lambda self, *a, **k: packed_calls.append(1) or forward_rows(self, *a, **k)
+    )
+    x = torch.randn(4, 9, 8, dtype=torch.float64)
+    for C, packs in ((1.05, False), (None, True), (4.0, True)):
+        layer = _layer(E=8, C=C, group_size=2)
+        layer.eval()
+        packed_calls.clear()
+        y, _ = layer(x)
+        assert bool(packed_calls) == packs, C
+        layer.experts.impl = "bmm"
+        torch.testing.assert_close(y, layer(x)[0], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("act", ["gelu_tanh", "gelu", "relu"])
 def test_grouped_mlp_matches_per_expert_autograd(act):
     # The hand-written forward/backward over packed segments (one expert without rows)
@@ -645,29 +678,29 @@ def test_cuda_backends_agree_and_match_cpu():
 @pytest.mark.parametrize("bpr", [False, True])
 def test_cuda_training_step_never_syncs(bpr):
     """CUDA's own detector (``set_sync_debug_mode("error")``) sees no host sync in a bf16 training
-    step of the layer (router, dispatch, experts, combine, aux loss), with capacity and dropless."""
-    impls = ["auto", "loop"]
+    step of the layer (router, dispatch, experts, combine, aux loss), with capacity and dropless
+    (``auto`` packs dropless buffers, with one sync: it is checked with capacity only)."""
+    cases = [("auto", 1.05)] + [(impl, C) for impl in ("bmm", "loop") for C in (1.05, None)]
     if hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability() >= (9, 0):
-        impls.append("grouped_mm")
-    for impl in impls:
-        for C in (1.05, None):
-            layer = _layer(E=8, C=C, bpr=bpr, group_size=2, D=64, M=128).float().cuda()
-            layer.experts.impl = impl
-            x = torch.randn(4, 33, 64, device="cuda", requires_grad=True)
+        cases += [("grouped_mm", 1.05), ("grouped_mm", None)]
+    for impl, C in cases:
+        layer = _layer(E=8, C=C, bpr=bpr, group_size=2, D=64, M=128).float().cuda()
+        layer.experts.impl = impl
+        x = torch.randn(4, 33, 64, device="cuda", requires_grad=True)
 
-            def step(layer: MoEMlp = layer, x: torch.Tensor = x) -> None:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    y, aux = layer(x)
-                (y.float().square().sum() + aux["aux_loss"]).backward()
+        def step(layer: MoEMlp = layer, x: torch.Tensor = x) -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y, aux = layer(x)
+            (y.float().square().sum() + aux["aux_loss"]).backward()
 
-            step()  # warm-up: one-time initialisation (handles, workspaces) may synchronise
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-            assert layer.experts.w1.grad is not None and torch.isfinite(layer.experts.w1.grad).all()
+        step()  # warm-up: one-time initialisation (handles, workspaces) may synchronise
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert layer.experts.w1.grad is not None and torch.isfinite(layer.experts.w1.grad).all()
 
 
 def test_benchmark_script_small(tmp_path):

@@ -142,7 +142,8 @@ class Experts(nn.Module):
       (one synchronisation). Given (E, R, D) buffers directly, it runs as ``"loop"``.
     - ``"grouped_mm"``: ``torch._grouped_mm`` over the buffers (one kernel for all experts, CUDA
       sm90 bf16 fast path; needs D and M multiples of 8), bias and activation in a separate pass.
-    - ``"auto"`` (default): ``"packed"`` on the CPU outside ``torch.compile``, else ``"bmm"``.
+    - ``"auto"`` (default): ``"packed"`` on the CPU outside ``torch.compile``, else ``"bmm"``
+      (except when at most half of the buffer rows can be filled, e.g. dropless: ``"packed"``).
 
     With dropout active in training, ``"loop"`` and ``"packed"`` run their rows through plain
     autograd (same masks: they are a function of the rows' global ids).
@@ -202,17 +203,27 @@ class Experts(nn.Module):
                 if n == 1:
                     p[1:].copy_(p[:1].expand_as(p[1:]))
 
-    def resolved_impl(self, buffers: torch.Tensor) -> str:
-        """The implementation ``impl`` resolves to for these buffers ("auto" chosen by device)."""
+    def resolved_impl(self, buffers: torch.Tensor, fill: float = 1.0) -> str:
+        """The implementation ``impl`` resolves to for these buffers.
+
+        ``"auto"``: packing skips the empty capacity slots at the price of a host sync and
+        data-dependent shapes. That is the CPU's choice (benchmarks/RESULTS.md); off the CPU it is
+        chosen only when at most half of the buffer rows can hold a token (``fill`` = assignments /
+        buffer rows <= 0.5: dropless routing, or a large capacity factor), where the batched
+        matmuls would mostly multiply zeros; never under ``torch.compile``.
+        """
         if self._impl != "auto":
             return self._impl
-        # Packing skips the empty capacity slots at the price of a host sync and data-dependent
-        # shapes: the CPU's choice (benchmarks/RESULTS.md), never under torch.compile.
-        return "bmm" if prefer_static_shapes(buffers.device) else "packed"
+        if torch.compiler.is_compiling() or (prefer_static_shapes(buffers.device) and fill > 0.5):
+            return "bmm"
+        return "packed"
 
-    def wants_packed(self, x: torch.Tensor) -> bool:
-        """Whether the filled rows alone should be computed (callers then use :meth:`forward_rows`)."""
-        return self.resolved_impl(x) == "packed"
+    def wants_packed(self, x: torch.Tensor, fill: float = 1.0) -> bool:
+        """Whether the filled rows alone should be computed (callers then use :meth:`forward_rows`).
+
+        ``fill``: assignments per buffer row (an upper bound of the filled share), see :meth:`resolved_impl`.
+        """
+        return self.resolved_impl(x, fill) == "packed"
 
     def forward(self, buffers: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(E, R, D) -> (E, R, D).

@@ -121,7 +121,13 @@ class MoEMlp(nn.Module):
             outs.append(self.router(xc, first_image=first, tokens_per_image=T))
         routings = [o.routing for o in outs]
         # The filled rows alone (no empty capacity slots) when the experts want them and run here.
-        packed = self.expert_comm is None and self.cfg.dispatch == "index" and self.experts.wants_packed(x)
+        buffer_rows = self.num_experts * sum(r.expert_index.shape[0] * r.capacity for r in routings)
+        fill = sum(r.expert_index.numel() for r in routings) / buffer_rows  # assignments per buffer row
+        packed = (
+            self.expert_comm is None
+            and self.cfg.dispatch == "index"
+            and self.experts.wants_packed(x, fill)
+        )
         dispatcher = (
             IndexDispatcher(routings, packed=True) if packed else make_dispatcher(self.cfg.dispatch, routings)
         )
