@@ -95,6 +95,78 @@ def test_refuses_to_overwrite_and_resume_without_checkpoint_starts_fresh(tmp_pat
     assert "starting fresh" in capsys.readouterr().err
 
 
+def test_cli_resume_continues_with_the_runs_own_settings(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    base = ["train", "--out", run, "--no-progress", "--log-every", "1"]
+    assert main([*base, "--recipe", "tiny", "--steps", "3", "--set", "lr=0.002"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    # No --recipe: the run's own settings (not the default recipe's), here extended to 5 steps.
+    assert main(["train", "--out", run, "--resume", "--steps", "5", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "resuming with changed settings: steps 3 -> 5" in err
+    now = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert now == {**saved, "steps": 5}
+    assert sorted(step_losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
+    # A configuration with another model is refused, naming what differs, before anything is written.
+    with pytest.raises(SystemExit) as ei:
+        raise SystemExit(main([*base, "--resume", "--recipe", "default", "--steps", "6"]))
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds a different model" in err and "hidden_size: 32 -> 64" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 5
+
+
+def test_interrupt_during_final_evaluation_keeps_the_run(tmp_path):
+    cfg = tiny_cfg("steps=3")
+    t = Trainer(cfg, tmp_path / "run", progress=False)
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    t.evaluate = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000003"  # saved before evaluating
+    res = train(cfg, tmp_path / "run", resume=True, progress=False)  # only evaluates
+    assert res.step == 3 and res.accuracy is not None
+    recs = read_metrics(tmp_path / "run")
+    assert sorted(r["step"] for r in recs if "loss" in r) == [1, 2, 3]
+    assert [r["step"] for r in recs if "accuracy" in r] == [3]
+
+
+def test_fresh_start_does_not_keep_records_of_an_attempt_without_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+    train(tiny_cfg("steps=2"), run, resume=True, progress=False)  # no checkpoint: starts fresh
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2]
+    assert all(r.get("loss") != 9.0 for r in read_metrics(run))
+
+
+def test_run_length_is_steps_or_epochs():
+    tiny = get_recipe("tiny")
+    assert tiny.steps is not None
+    cfg = apply_overrides(tiny, ["epochs=3"])  # a recipe counting steps, asked for epochs
+    assert cfg.steps is None and cfg.epochs == 3
+    cfg = apply_overrides(get_recipe("default"), ["steps=7"])
+    assert cfg.steps == 7 and cfg.epochs is None
+    with pytest.raises(ValueError, match="epochs must be > 0"):
+        apply_overrides(tiny, ["epochs=0"])
+    with pytest.raises(ValueError, match="steps=none needs epochs="):
+        apply_overrides(tiny, ["steps=none"])
+    both = apply_overrides(tiny, ["steps=4", "epochs=2"])  # both given: steps wins, as documented
+    assert both.steps == 4 and both.epochs == 2
+
+
+def test_model_overrides_that_conflict_with_the_data_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"model\.num_classes=100 conflicts with the data"):
+        Trainer(tiny_cfg("model.num_classes=100"), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match=r"model\.image_size=32 conflicts.*set image_size="):
+        Trainer(tiny_cfg("model.image_size=32"), tmp_path / "b", progress=False)
+    size = Trainer(tiny_cfg(), tmp_path / "c", progress=False).model.cfg.image_hw[0]
+    Trainer(tiny_cfg(f"model.image_size={size}"), tmp_path / "d", progress=False)  # agreeing is fine
+
+
 def _interrupt_at(trainer: Trainer, step: int) -> None:
     orig = trainer.train_step
 
@@ -160,7 +232,7 @@ def test_sigterm_subprocess_resume(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "resume with --resume" in err
+    assert f"resume with `vmoe train --out {run} --resume`" in err
     stopped = int(latest_checkpoint(run).name.split("_")[1])
     assert 1 <= stopped <= 40
     res = subprocess.run([*args, str(run), "--resume"], capture_output=True, text=True, env=env, timeout=300)
@@ -193,6 +265,12 @@ def test_eval_json_partial_batch(trained, tmp_path, capsys):
     res = json.loads(js.read_text())
     assert res["num_images"] == 50  # 32 + a partial batch of 18
     assert 0 <= res["accuracy"] <= 1 and res["loss"] > 0 and res["gflops_per_image"] > 0
+    # The training run's own test images (synthetic data draws them after its max_train images).
+    final = [r for r in read_metrics(trained) if "eval_loss" in r][-1]
+    assert res["loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
+    assert res["accuracy"] == pytest.approx(final["accuracy"])
+    assert main(["eval", "--checkpoint", str(trained), "--max-images", "0"]) == 2
+    assert "--max-images must be >= 1, got 0" in capsys.readouterr().err
     # the same result with another batch size (all images counted once)
     js2 = tmp_path / "eval2.json"
     main(

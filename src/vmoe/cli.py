@@ -22,11 +22,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------- train
+def _saved_train_config(out: Path) -> Any:
+    """The training config a run directory was started with (its config.json), or None."""
+    from vmoe.train.config import TrainConfig
+
+    path = out / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text())["train"])
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not a vmoe run config ({e})") from e
+
+
 def _train_config(args: argparse.Namespace) -> Any:
     from vmoe.train.config import apply_overrides
     from vmoe.train.recipes import get_recipe
 
-    cfg = get_recipe(args.recipe)
+    # `--resume` without --recipe continues with the run's own settings (its config.json); flags and
+    # --set change single keys of them. With --recipe, the command builds the config as it did at the
+    # start (the trainer refuses a different model and logs changed settings).
+    saved = _saved_train_config(Path(args.out)) if args.resume and args.recipe is None else None
+    cfg = saved if saved is not None else get_recipe(args.recipe or "default")
     pairs: list[str] = []
     simple = {
         "model": args.model,
@@ -46,8 +63,14 @@ def _train_config(args: argparse.Namespace) -> Any:
     for k, v in simple.items():
         if v is not None:
             pairs.append(f"{k}={v}")
-    if args.steps is not None and args.epochs is None:
-        pairs.append("epochs=none")
+    if (
+        args.data is not None
+        and args.data != cfg.data
+        and args.image_size is None
+        and cfg.image_size is not None
+    ):
+        # The recipe's image size was chosen for its own data: other data keeps its native size.
+        pairs.insert(0, "image_size=none")
     if args.compile:
         pairs.append("compile=true")
     if args.model is not None and args.model != cfg.model and args.num_experts is None:
@@ -80,7 +103,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     vmoe.create_model  # noqa: B018 - fail early on a broken install
     res = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    if res.accuracy is not None:
+    if res.accuracy is not None and int(os.environ.get("RANK", "0")) == 0:  # one line under torchrun
         print(
             json.dumps(
                 {
@@ -108,8 +131,14 @@ def _load_for_eval(checkpoint: str, data: str | None, device: str, max_images: i
     if spec is None:
         raise ValueError(f"{ck['path']}: no --data given and the checkpoint does not name its training data")
     image_size = model.cfg.image_hw[0]
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"--max-images must be >= 1, got {max_images}")
+    # The training run's split: max_train too (a synthetic dataset draws its test images after them).
     _, test, info = load_dataset(
-        spec, image_size=image_size, max_test=max_images if max_images is not None else tc.get("max_test")
+        spec,
+        image_size=image_size,
+        max_train=tc.get("max_train") if spec == tc.get("data") else None,
+        max_test=max_images if max_images is not None else tc.get("max_test"),
     )
     if ck["data_info"] is not None and spec == tc.get("data"):
         # Normalise with the statistics the model was trained with.
@@ -222,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model (a named recipe, overridden by flags)")
-    t.add_argument("--recipe", default="default", help="named recipe (see `vmoe list`)")
+    t.add_argument(
+        "--recipe", help="named recipe (see `vmoe list`; default: default, or the run's own with --resume)"
+    )
     t.add_argument("--model", help="registered model name, e.g. vmoe_ti, vit_ti")
     t.add_argument("--data", help="built-in dataset (digits, cifar10, synthetic) or a path")
     t.add_argument("--out", required=True, help="run directory")
@@ -290,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except TrainingInterrupted as e:
-        print(f"vmoe: {e}; resume with --resume", file=sys.stderr)
+        hint = (
+            f"; resume with `vmoe train --out {e.path.parent.parent} --resume`"
+            if args.command == "train"
+            else "; the demo always starts afresh: run it again"
+        )
+        print(f"vmoe: {e}{hint}", file=sys.stderr)
         return 128 + e.signum
     except (ValueError, FileNotFoundError, CheckpointError, NotADirectoryError, IsADirectoryError) as e:
         if os.environ.get("VMOE_TRACEBACK"):

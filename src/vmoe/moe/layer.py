@@ -124,9 +124,7 @@ class MoEMlp(nn.Module):
         buffer_rows = self.num_experts * sum(r.expert_index.shape[0] * r.capacity for r in routings)
         fill = sum(r.expert_index.numel() for r in routings) / buffer_rows  # assignments per buffer row
         packed = (
-            self.expert_comm is None
-            and self.cfg.dispatch == "index"
-            and self.experts.wants_packed(x, fill)
+            self.expert_comm is None and self.cfg.dispatch == "index" and self.experts.wants_packed(x, fill)
         )
         dispatcher = (
             IndexDispatcher(routings, packed=True) if packed else make_dispatcher(self.cfg.dispatch, routings)

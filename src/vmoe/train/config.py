@@ -232,11 +232,15 @@ def _auto_value(text: str) -> Any:
 def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
     """Apply ``key=value`` overrides; ``model.KEY=value`` sets a model override.
 
+    The run's length is ``steps`` or ``epochs``: setting one (and not the other) clears the other,
+    so ``epochs=3`` on a recipe that counts steps runs 3 epochs.
+
     Raises:
         ValueError: a malformed pair, an unknown key, or a value of the wrong type.
     """
     d = cfg.to_dict()
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given: set[str] = set()
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"--set expects key=value, got {pair!r}")
@@ -252,4 +256,10 @@ def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ValueError(f"unknown config key {key!r}{hint}; model keys go as model.KEY=value")
         d[key] = parse_value(text, _field_type(TrainConfig, key), key)
+        given.add(key)
+    for length, other in (("steps", "epochs"), ("epochs", "steps")):
+        if length in given and other not in given:
+            if d[length] is None:
+                raise ValueError(f"{length}=none needs {other}= to say how long to train")
+            d[other] = None
     return TrainConfig.from_dict(d)

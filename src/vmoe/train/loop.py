@@ -253,9 +253,19 @@ class Trainer:
 
         # Model.
         overrides = dict(cfg.model_overrides)
-        overrides.update(
-            num_classes=self.info.num_classes, in_chans=self.info.channels, image_size=self.info.image_size
-        )
+        from_data = {
+            "num_classes": self.info.num_classes,
+            "in_chans": self.info.channels,
+            "image_size": self.info.image_size,
+        }
+        for key, value in from_data.items():
+            if key in overrides and _as_size(overrides[key]) != _as_size(value):
+                hint = " (set image_size= to resize the data)" if key == "image_size" else ""
+                raise ValueError(
+                    f"model.{key}={overrides[key]!r} conflicts with the data ({cfg.data}: {key} {value!r}); "
+                    f"the model takes it from the data{hint}"
+                )
+        overrides.update(from_data)
         torch.manual_seed(cfg.seed)
         self.model = vmoe.create_model(cfg.model, **overrides)
         if cfg.batch_priority and self.model.moe_layers():
@@ -272,6 +282,7 @@ class Trainer:
                 self.log(f"--resume: no checkpoint in {self.out}, starting fresh")
             else:
                 state = load_checkpoint(ckpt, map_location="cpu")
+                _check_resumable(ckpt, state, self.model_config, cfg.to_dict(), self.log)
                 self.model.load_state_dict(state["state_dict"])
                 self.step = int(state["step"])
                 self.log(f"resuming from {ckpt} (step {self.step})")
@@ -307,6 +318,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             if state is not None:
                 _truncate_metrics(self.out / "metrics.jsonl", self.step)
+            else:  # a fresh start: no records of an earlier attempt that left no checkpoint
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
             (self.out / "config.json").write_text(
                 json.dumps(
                     {"train": cfg.to_dict(), "model": self.model_config, "data": self._data_info()},
@@ -513,6 +526,10 @@ class Trainer:
                             raise TrainingInterrupted(flag.signum, self.step, path)
                         if self.step >= self.total_steps:
                             break
+            # Save before the final evaluation: an interrupt during it loses nothing (--resume then
+            # only evaluates).
+            if self.checkpoint_path is None or self.checkpoint_path.name != f"step_{self.step:08d}":
+                self.save()
             ev = self.evaluate()
             accuracy = ev["accuracy"]
             writer.write(
@@ -523,8 +540,6 @@ class Trainer:
                     "gflops_per_image": ev.get("gflops_per_image"),
                 }
             )
-            if self.checkpoint_path is None or self.checkpoint_path.name != f"step_{self.step:08d}":
-                self.save()
         finally:
             bar.close()
             writer.close()
@@ -535,6 +550,47 @@ class Trainer:
             )
         assert self.checkpoint_path is not None
         return TrainResult(self.out, self.step, last_loss, accuracy, self.checkpoint_path)
+
+
+def _as_size(v: Any) -> Any:
+    """A size as a comparable value: ints and (h, w) pairs alike (16 == (16, 16))."""
+    if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1]:
+        return v[0]
+    return v
+
+
+# Model-config keys that may differ when a run is resumed (the weights fit either way).
+_MODEL_KEYS_IGNORED_ON_RESUME = ("name",)
+
+
+def _check_resumable(
+    ckpt: Path,
+    state: dict[str, Any],
+    model_config: dict[str, Any],
+    train_config: dict[str, Any],
+    log: Any,
+) -> None:
+    """Refuse to resume ``ckpt`` into a different model; log changed training settings."""
+    saved = state.get("model_config") or {}
+    diff = sorted(
+        k
+        for k in set(saved) | set(model_config)
+        if k not in _MODEL_KEYS_IGNORED_ON_RESUME and saved.get(k) != model_config.get(k)
+    )
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {model_config.get(k)!r}" for k in diff[:4])
+        raise ValueError(
+            f"{ckpt} holds a different model than this configuration ({shown}"
+            f"{', ...' if len(diff) > 4 else ''}); resume with the run's own settings "
+            "(`vmoe train --out RUN --resume` reads them from RUN/config.json) or choose another --out"
+        )
+    old = state.get("train_config") or {}
+    changed = [k for k in sorted(train_config) if k in old and old[k] != train_config[k]]
+    if changed:
+        log(
+            "resuming with changed settings: "
+            + ", ".join(f"{k} {old[k]!r} -> {train_config[k]!r}" for k in changed)
+        )
 
 
 def train(
