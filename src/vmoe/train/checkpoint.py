@@ -33,6 +33,7 @@ __all__ = [
     "list_checkpoints",
     "load",
     "load_checkpoint",
+    "load_model_weights",
     "resolve_checkpoint",
     "save_checkpoint",
 ]
@@ -147,6 +148,9 @@ def load_checkpoint(
 
     Keys: ``path``, ``state_dict``, ``model_config``, ``train_config`` (or None), ``data_info``
     (or None), ``train_state`` (or None), ``step``.
+
+    Raises :class:`CheckpointError` naming the file for a missing or corrupt file, and for an
+    optimizer state in ``train_state.pt`` that does not fit the model of ``model_config.json``.
     """
     ckpt = resolve_checkpoint(path)
     try:
@@ -169,6 +173,7 @@ def load_checkpoint(
             out["train_state"] = torch.load(ts, map_location=map_location, weights_only=False)
         except Exception as e:  # corrupt pickle / zip
             raise CheckpointError(f"{ts}: corrupt training state ({e})") from None
+        _check_optimizer_state(ts, out["train_state"], out["model_config"])
     step_txt = (ckpt / "COMPLETE").read_text().strip() if (ckpt / "COMPLETE").exists() else ""
     out["step"] = int(step_txt) if step_txt.isdigit() else (out["train_state"] or {}).get("step", 0)
     return out
@@ -191,11 +196,94 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device = "cp
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ck['path'] / 'model_config.json'}: invalid model config ({e})") from None
     model = build_model(cfg).to(map_location)
-    missing, unexpected = model.load_state_dict(ck["state_dict"], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{ck['path'] / 'model.safetensors'}: weights do not fit the model config "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
+    load_model_weights(model, ck["state_dict"], ck["path"] / "model.safetensors")
     model.eval()
     return model
+
+
+def _shape(t: Any) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def load_model_weights(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str]
+) -> None:
+    """``model.load_state_dict(state_dict)`` (strict), raising :class:`CheckpointError` naming
+    ``path`` (the weights file) and the first offending tensors when the weights do not fit: a
+    shape mismatch (expected vs found), or a missing or unexpected key."""
+    expected = model.state_dict()
+    mismatched = [  # in the model's order
+        f"{k} expected {_shape(t)}, found {_shape(state_dict[k])}"
+        for k, t in expected.items()
+        if k in state_dict and _shape(state_dict[k]) != _shape(t)
+    ]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    problems = []
+    if mismatched:
+        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        problems.append(f"shape mismatch: {'; '.join(mismatched[:3])}{more}")
+    if missing:
+        problems.append(f"missing {missing[:5]}" + (f" (of {len(missing)})" if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(
+            f"unexpected {unexpected[:5]}" + (f" (of {len(unexpected)})" if len(unexpected) > 5 else "")
+        )
+    if problems:
+        raise CheckpointError(
+            f"{os.fspath(path)}: weights do not fit the model config ({', '.join(problems)})"
+        )
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:  # anything the checks above did not anticipate
+        msg = str(e).replace("\n", " ").replace("\t", "")
+        raise CheckpointError(f"{os.fspath(path)}: weights do not fit the model config ({msg})") from None
+
+
+def _check_optimizer_state(ts: Path, train_state: Any, model_config: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` naming ``ts`` when the optimizer state in ``train_state``
+    cannot be loaded into an optimizer over the model ``model_config`` describes (e.g. a
+    ``train_state.pt`` copied in from another run): the checks ``Optimizer.load_state_dict`` makes
+    (number of parameter groups, parameters per group), plus the shapes of per-parameter state."""
+    if not isinstance(train_state, dict) or "optimizer" not in train_state:
+        return  # not written by the training loop; nothing to compare
+    opt = train_state["optimizer"]
+    groups = opt.get("param_groups") if isinstance(opt, dict) else None
+    states = opt.get("state", {}) if isinstance(opt, dict) else None
+    if (
+        not isinstance(groups, list)
+        or not isinstance(states, dict)
+        or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+    ):
+        raise CheckpointError(
+            f"{ts}: corrupt training state ('optimizer' must be an optimizer state dict with "
+            f"'state' and 'param_groups', got {type(opt).__name__})"
+        )
+    try:  # the model's parameters, without allocating them
+        from vmoe.config import ModelConfig
+        from vmoe.models import build_model
+        from vmoe.train.loop import param_groups
+
+        with torch.device("meta"):
+            model = build_model(ModelConfig.from_dict(model_config))
+        names = {id(p): n for n, p in model.named_parameters()}
+        want = [[(names[id(p)], _shape(p)) for p in g["params"]] for g in param_groups(model, 0.0)]
+    except Exception:  # an invalid model config is reported by load(); skip the comparison
+        return
+    found = [len(g["params"]) for g in groups]
+    expected = [len(g) for g in want]
+    if found != expected:
+        raise CheckpointError(
+            f"{ts}: optimizer state does not fit the model in model_config.json (from another run?): "
+            f"expected {len(expected)} parameter groups of {expected} parameters, found "
+            f"{len(found)} of {found}"
+        )
+    flat = [pid for g in groups for pid in g["params"]]
+    params = [x for g in want for x in g]
+    for pid, (name, shape) in zip(flat, params):
+        for k, v in (states.get(pid) or {}).items():
+            if k != "step" and isinstance(v, torch.Tensor) and v.ndim > 0 and _shape(v) != shape:
+                raise CheckpointError(
+                    f"{ts}: optimizer state does not fit the model in model_config.json (from another "
+                    f"run?): {k} of {name} expected {shape}, found {_shape(v)}"
+                )

@@ -1,0 +1,162 @@
+"""Checkpoints that do not fit their model: clear errors naming the file, not tracebacks."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import vmoe
+from vmoe.cli import main
+from vmoe.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
+from vmoe.train.config import apply_overrides
+from vmoe.train.loop import param_groups, train
+from vmoe.train.recipes import get_recipe
+
+TINY = dict(
+    num_layers=2,
+    hidden_size=32,
+    mlp_dim=64,
+    num_heads=2,
+    patch_size=4,
+    num_experts=4,
+    num_selected=2,
+    group_size=4,
+    image_size=8,
+    in_chans=3,
+    num_classes=3,
+)
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return vmoe.create_model("vmoe_ti", **{**TINY, **overrides})
+
+
+def optimizer_state(model) -> dict:
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
+    logits, _ = model(torch.randn(2, 3, 8, 8))
+    logits.sum().backward()
+    opt.step()
+    return opt.state_dict()
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+# ------------------------------------------------------------------------------------- weights
+
+
+def test_weights_of_the_wrong_shape_are_a_checkpoint_error(tmp_path, capsys):
+    model = tiny_model()
+    cfg = model.cfg.to_dict()
+    cfg["num_classes"] = 5  # the config no longer fits the 3-class head in model.safetensors
+    ckpt = save_checkpoint(tmp_path / "run", 1, model.state_dict(), model_config=cfg)
+    file = ckpt / "model.safetensors"
+    with pytest.raises(CheckpointError) as ei:
+        vmoe.load(ckpt)
+    msg = str(ei.value)
+    assert msg.startswith(f"{file}: weights do not fit the model config"), msg
+    assert "head.weight expected (5, 32), found (3, 32)" in msg
+    assert "head.bias expected (5,), found (3,)" in msg
+    # the CLI turns it into one line and exit code 2
+    rc, err = run_cli(["eval", "--checkpoint", ckpt, "--data", "synthetic", "--no-progress"], capsys)
+    assert rc == 2 and err.startswith("vmoe: error: ") and str(file) in err and "head.weight" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_many_mismatches_are_summarised(tmp_path):
+    model = tiny_model()
+    cfg = model.cfg.to_dict()
+    cfg["hidden_size"] = 48
+    ckpt = save_checkpoint(tmp_path / "run", 1, model.state_dict(), model_config=cfg)
+    with pytest.raises(CheckpointError, match=r"shape mismatch: .*expected .*, found .*\(and \d+ more\)"):
+        vmoe.load(ckpt)
+
+
+def test_missing_and_unexpected_weights_are_named(tmp_path):
+    model = tiny_model()
+    sd = model.state_dict()
+    sd["extra.weight"] = sd.pop("head.weight")
+    ckpt = save_checkpoint(tmp_path / "run", 1, sd, model_config=model.cfg.to_dict())
+    with pytest.raises(CheckpointError, match=r"missing \['head\.weight'\].*unexpected \['extra\.weight'\]"):
+        vmoe.load(ckpt)
+    fresh = tiny_model()
+    with pytest.raises(CheckpointError, match=re.escape("somewhere.safetensors: weights do not fit")):
+        load_model_weights(fresh, sd, Path("somewhere.safetensors"))
+
+
+def test_fitting_weights_still_load(tmp_path):
+    model = tiny_model()
+    ckpt = save_checkpoint(
+        tmp_path / "run",
+        1,
+        model.state_dict(),
+        model_config=model.cfg.to_dict(),
+        train_state={"optimizer": optimizer_state(model), "step": 1},
+    )
+    loaded = vmoe.load(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    ck = load_checkpoint(ckpt)
+    opt = torch.optim.AdamW(param_groups(loaded, 0.1), lr=1e-3)
+    opt.load_state_dict(ck["train_state"]["optimizer"])  # the check agrees with torch's
+
+
+# ---------------------------------------------------------------------------------- train state
+
+
+def test_optimizer_state_from_another_model_names_the_file(tmp_path):
+    model = tiny_model()
+    other = tiny_model(num_layers=3)  # more parameters per group
+    ckpt = save_checkpoint(
+        tmp_path / "run",
+        1,
+        model.state_dict(),
+        model_config=model.cfg.to_dict(),
+        train_state={"optimizer": optimizer_state(other), "step": 1},
+    )
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(ckpt)
+    msg = str(ei.value)
+    assert msg.startswith(f"{ckpt / 'train_state.pt'}: optimizer state does not fit the model"), msg
+    assert re.search(r"expected 2 parameter groups of \[\d+, \d+\] parameters, found 2 of", msg), msg
+
+
+def test_optimizer_state_of_other_shapes_names_the_parameter(tmp_path):
+    model = tiny_model()
+    other = tiny_model(mlp_dim=48)  # same parameter counts, other shapes
+    ckpt = save_checkpoint(
+        tmp_path / "run",
+        1,
+        model.state_dict(),
+        model_config=model.cfg.to_dict(),
+        train_state={"optimizer": optimizer_state(other), "step": 1},
+    )
+    with pytest.raises(CheckpointError, match=r"train_state\.pt: .*exp_avg of \S+ expected \(.*\), found \("):
+        load_checkpoint(ckpt)
+
+
+def test_cli_resume_with_swapped_train_state_is_one_line(tmp_path, capsys):
+    tiny = get_recipe("tiny")
+    train(apply_overrides(tiny, ["steps=2"]), tmp_path / "a", progress=False)
+    train(apply_overrides(tiny, ["steps=2", "model.num_layers=3"]), tmp_path / "b", progress=False)
+    a, b = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
+    shutil.copy(b / "train_state.pt", a / "train_state.pt")
+    capsys.readouterr()
+    argv = ["train", "--recipe", "tiny", "--out", tmp_path / "a", "--resume", "--set", "steps=3"]
+    rc, err = run_cli([*argv, "--no-progress"], capsys)
+    assert rc == 2, err
+    assert err.startswith(f"vmoe: error: {a / 'train_state.pt'}: optimizer state does not fit"), err
+    assert len(err.splitlines()) == 1
