@@ -1,4 +1,4 @@
-"""Checkpoints that do not fit their model: clear errors naming the file, not tracebacks."""
+"""Checkpoints that do not fit their model, and evaluation arguments: clear errors, not tracebacks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 
 import vmoe
 from vmoe.cli import main
+from vmoe.data import make_synthetic
+from vmoe.eval.evaluate import evaluate, sweep
 from vmoe.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -160,3 +162,17 @@ def test_cli_resume_with_swapped_train_state_is_one_line(tmp_path, capsys):
     assert rc == 2, err
     assert err.startswith(f"vmoe: error: {a / 'train_state.pt'}: optimizer state does not fit"), err
     assert len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------ evaluate
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True, "8"])
+def test_evaluate_rejects_a_non_positive_batch_size(bad):
+    _, test_set, info = make_synthetic(16, 8, 8, 3, 3, seed=0)
+    model = tiny_model()
+    for fn in (evaluate, sweep):
+        with pytest.raises(ValueError, match=re.escape(f"batch_size must be an integer >= 1, got {bad!r}")):
+            fn(model, test_set, info, batch_size=bad)
+    res = evaluate(model, test_set, info, batch_size=3)
+    assert res["num_images"] == 8 and 0.0 <= res["accuracy"] <= 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +17,11 @@ from vmoe.moe.router import CapacityRoundingWarning
 __all__ = ["DEFAULT_CAPACITIES", "evaluate", "sweep"]
 
 DEFAULT_CAPACITIES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def _autocast(device: torch.device, precision: str):  # type: ignore[no-untyped-def]
@@ -39,10 +45,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Accuracy (a fraction in [0, 1]) and mean cross-entropy of ``model`` on ``dataset``.
 
-    Images are taken in dataset order in batches of ``batch_size`` (the last one partial), so the
-    routing groups are the same on every call. With a distributed ``layout`` every rank evaluates
-    its slice of each batch (the last batch is padded to a multiple of the world size; padded
-    images are not counted).
+    Images are taken in dataset order in batches of ``batch_size`` (an integer >= 1; the last batch
+    partial), so the routing groups are the same on every call. With a distributed ``layout`` every
+    rank evaluates its slice of each batch (the last batch is padded to a multiple of the world
+    size; padded images are not counted).
 
     Returns:
         ``accuracy``, ``loss``, ``num_images``, ``gflops_per_image`` (realised: expert work of the
@@ -52,6 +58,7 @@ def evaluate(
     from vmoe.data import eval_transform
     from vmoe.models.flops import realized_flops_per_image
 
+    _check_batch_size(batch_size)
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -148,6 +155,7 @@ def sweep(
     import vmoe
     from vmoe.models.flops import flops_per_image
 
+    _check_batch_size(batch_size)
     if not model.moe_layers():
         raise ValueError("the capacity sweep needs a model with MoE layers; this one is dense")
     num_experts = min(layer.num_experts for _, layer in model.moe_layers())
