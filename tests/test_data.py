@@ -368,6 +368,100 @@ def test_error_corrupt_jpeg_in_npz(tmp_path):
         load_dataset(str(p))
 
 
+# ------------------------------------------------------------------------ cifar10 location, progress
+
+
+@pytest.fixture
+def fake_cifar_tree(tmp_path, monkeypatch):
+    """cwd ``tmp/work/proj`` with a loadable fake ``cifar10_jpeg_bytes.npz`` in ``tmp/work/shared/data``
+    (the ``../shared/data`` fallback); returns that file."""
+    from vmoe.data import datasets
+
+    cwd = tmp_path / "work" / "proj"
+    cwd.mkdir(parents=True)
+    shared = tmp_path / "work" / "shared" / "data"
+    shared.mkdir(parents=True)
+    _jpeg_bytes_npz(shared / datasets.CIFAR10_JPEG_NPZ, 4, 2)
+    monkeypatch.delitem(datasets.KNOWN_CHECKSUMS, datasets.CIFAR10_JPEG_NPZ)  # a fake file
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("VMOE_DATA_DIR", raising=False)
+    return shared / datasets.CIFAR10_JPEG_NPZ
+
+
+def test_cifar10_fallback_without_env(fake_cifar_tree):
+    train, test, info = load_dataset("cifar10", progress=False)
+    assert len(train) == 4 and len(test) == 2 and str(fake_cifar_tree) in info.source
+
+
+def test_cifar10_env_dir_without_file_is_an_error(fake_cifar_tree, tmp_path, monkeypatch):
+    empty = tmp_path / "mydata"
+    empty.mkdir()
+    monkeypatch.setenv("VMOE_DATA_DIR", str(empty))
+    # the copy in ../shared/data must not be used silently instead
+    with pytest.raises(FileNotFoundError, match=re.escape(f"$VMOE_DATA_DIR={empty}")) as ei:
+        load_dataset("cifar10")
+    assert "cifar10_jpeg_bytes.npz" in str(ei.value)
+    assert str(empty / "cifar10_jpeg_bytes.npz") in str(ei.value)
+    missing = tmp_path / "nowhere"
+    monkeypatch.setenv("VMOE_DATA_DIR", str(missing))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"$VMOE_DATA_DIR={missing} does not exist")):
+        load_dataset("cifar10")
+    # and with the file there, that copy is the one loaded
+    (empty / "cifar10_jpeg_bytes.npz").write_bytes(fake_cifar_tree.read_bytes())
+    monkeypatch.setenv("VMOE_DATA_DIR", str(empty))
+    _, _, info = load_dataset("cifar10", progress=False)
+    assert str(empty / "cifar10_jpeg_bytes.npz") in info.source
+
+
+def test_cifar10_not_found_lists_every_location(tmp_path, monkeypatch):
+    from vmoe.data.datasets import _cifar10_search_paths
+
+    cwd = tmp_path / "a" / "b"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("VMOE_DATA_DIR", raising=False)
+    searched = _cifar10_search_paths()
+    if any(c.is_file() for c in searched):
+        pytest.skip("a cifar10_jpeg_bytes.npz exists above the temporary directory")
+    with pytest.raises(FileNotFoundError) as ei:
+        load_dataset("cifar10")
+    msg = str(ei.value)
+    assert "VMOE_DATA_DIR" in msg
+    for c in [tmp_path / "a" / "shared" / "data", cwd / "shared" / "data", Path("/shared/data"), *searched]:
+        assert str(c) in msg, (c, msg)
+
+
+def _count_bars(monkeypatch) -> list:
+    import tqdm.auto
+
+    made = []
+    real = tqdm.auto.tqdm
+
+    def spy(*args, **kwargs):
+        made.append(kwargs.get("desc"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", spy)
+    return made
+
+
+def test_progress_false_shows_no_decoding_bars(tmp_path, monkeypatch):
+    root = tmp_path / "shapes"
+    for c, name in enumerate(["circle", "square"]):
+        _write_images(root / name, 3, (8, 8), "L", ".png", c)
+    p = tmp_path / "tiny_jpeg.npz"
+    _jpeg_bytes_npz(p, 2, 1)
+    made = _count_bars(monkeypatch)
+    load_dataset(root, progress=False)
+    monkeypatch.setenv("VMOE_CACHE_DIR", str(tmp_path / "cache1"))
+    load_dataset(p, progress=False)
+    assert made == []
+    load_dataset(root)  # the default shows them
+    monkeypatch.setenv("VMOE_CACHE_DIR", str(tmp_path / "cache2"))
+    load_dataset(p)
+    assert made == ["decoding images", "decoding train JPEGs", "decoding test JPEGs"]
+
+
 # ---------------------------------------------------------------------------------- augmentation
 
 

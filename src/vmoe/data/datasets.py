@@ -215,7 +215,9 @@ def compute_mean_std(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def _progress(iterable, total: int, desc: str):  # type: ignore[no-untyped-def]
+def _progress(iterable, total: int, desc: str, enabled: bool = True):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return iterable
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -301,24 +303,45 @@ def _load_digits(test_fraction: float, seed: int) -> tuple[ImageDataset, ImageDa
     )
 
 
+def _cifar10_search_paths() -> list[Path]:
+    """Where :func:`find_cifar10_npz` looks when ``$VMOE_DATA_DIR`` is unset, in order."""
+    cwd = Path.cwd()
+    candidates = [cwd.parent / "shared" / "data" / CIFAR10_JPEG_NPZ]
+    candidates += [p / "shared" / "data" / CIFAR10_JPEG_NPZ for p in [cwd, *cwd.parents]]
+    return list(dict.fromkeys(candidates))  # drop repeats, keep the order
+
+
 def find_cifar10_npz() -> Path | None:
-    """Locate ``cifar10_jpeg_bytes.npz``: ``$VMOE_DATA_DIR``, ``../shared/data`` from the cwd, then
-    ``shared/data`` in the cwd or any parent directory. Returns None when not found."""
-    candidates: list[Path] = []
+    """Locate ``cifar10_jpeg_bytes.npz``.
+
+    With ``$VMOE_DATA_DIR`` set, only that directory is used: it must hold the file, else
+    ``FileNotFoundError`` names the variable's value and the file expected there (no silent
+    fallback to another copy). Without it: ``../shared/data`` from the cwd, then ``shared/data`` in
+    the cwd or any parent directory; None when not found there.
+    """
     env = os.environ.get("VMOE_DATA_DIR")
     if env:
-        candidates.append(Path(env) / CIFAR10_JPEG_NPZ)
-    cwd = Path.cwd()
-    candidates.append(cwd.parent / "shared" / "data" / CIFAR10_JPEG_NPZ)
-    for p in [cwd, *cwd.parents]:
-        candidates.append(p / "shared" / "data" / CIFAR10_JPEG_NPZ)
-    for c in candidates:
+        d = Path(env).expanduser()
+        if not d.is_dir():
+            what = "is not a directory" if d.exists() else "does not exist"
+            raise FileNotFoundError(
+                f"$VMOE_DATA_DIR={env} {what}: expected a directory holding {CIFAR10_JPEG_NPZ}"
+            )
+        if not (d / CIFAR10_JPEG_NPZ).is_file():
+            raise FileNotFoundError(
+                f"$VMOE_DATA_DIR={env} does not hold {CIFAR10_JPEG_NPZ}: expected {d / CIFAR10_JPEG_NPZ} "
+                "(unset $VMOE_DATA_DIR to search ../shared/data and shared/data instead)"
+            )
+        return d / CIFAR10_JPEG_NPZ
+    for c in _cifar10_search_paths():
         if c.is_file():
             return c
     return None
 
 
-def _decode_jpeg_split(data: np.ndarray, offsets: np.ndarray, path: str, split: str) -> np.ndarray:
+def _decode_jpeg_split(
+    data: np.ndarray, offsets: np.ndarray, path: str, split: str, progress: bool = True
+) -> np.ndarray:
     from PIL import Image
 
     n = len(offsets) - 1
@@ -326,7 +349,7 @@ def _decode_jpeg_split(data: np.ndarray, offsets: np.ndarray, path: str, split: 
         raise ValueError(f"{path}: '{split}_jpeg_offsets' inconsistent with '{split}_jpeg_data'")
     first = None
     out: np.ndarray | None = None
-    for i in _progress(range(n), n, f"decoding {split} JPEGs"):
+    for i in _progress(range(n), n, f"decoding {split} JPEGs", progress):
         try:
             with Image.open(io.BytesIO(data[offsets[i] : offsets[i + 1]].tobytes())) as im:
                 arr = np.asarray(im.convert("RGB"))
@@ -343,7 +366,9 @@ def _decode_jpeg_split(data: np.ndarray, offsets: np.ndarray, path: str, split: 
     return out
 
 
-def _load_jpeg_npz(path: Path, expected_sha: str | None = None) -> tuple[ImageDataset, ImageDataset, dict]:
+def _load_jpeg_npz(
+    path: Path, expected_sha: str | None = None, progress: bool = True
+) -> tuple[ImageDataset, ImageDataset, dict]:
     p = str(path)
     if not path.is_file():
         raise FileNotFoundError(f"{p}: file not found (expected a CIFAR-10 JPEG-bytes .npz)")
@@ -376,7 +401,7 @@ def _load_jpeg_npz(path: Path, expected_sha: str | None = None) -> tuple[ImageDa
                     raise ValueError(
                         f"{p}: {len(offsets) - 1} {split} images but {len(y)} labels in 'y_{split}'"
                     )
-                images = _decode_jpeg_split(data, offsets, p, split)
+                images = _decode_jpeg_split(data, offsets, p, split, progress)
                 with contextlib.suppress(OSError):  # the cache is best-effort
                     _atomic_save_npy(cache, images)
             splits.append(ImageDataset(images, y, classes))
@@ -390,12 +415,12 @@ def _load_jpeg_npz(path: Path, expected_sha: str | None = None) -> tuple[ImageDa
     return splits[0], splits[1], meta
 
 
-def _load_keras_npz(path: Path) -> tuple[ImageDataset, ImageDataset, dict]:
+def _load_keras_npz(path: Path, progress: bool = True) -> tuple[ImageDataset, ImageDataset, dict]:
     p = str(path)
     z = _open_npz(p)
     with z:
         if "train_jpeg_data" in z.files:
-            return _load_jpeg_npz(path)
+            return _load_jpeg_npz(path, progress=progress)
         arrays = {k: _npz_get(z, k, p) for k in ("x_train", "y_train", "x_test", "y_test")}
         classes_arr = [str(c) for c in z["classes"]] if "classes" in z.files else None
     splits_xy = []
@@ -519,11 +544,13 @@ def _list_class_dir(root: Path) -> tuple[list[str], list[tuple[Path, str]]]:
     return classes, files
 
 
-def _decode_files(files: list[Path], size: int | None, mode: str, desc: str) -> tuple[np.ndarray, int]:
+def _decode_files(
+    files: list[Path], size: int | None, mode: str, desc: str, progress: bool = True
+) -> tuple[np.ndarray, int]:
     from PIL import Image
 
     out: np.ndarray | None = None
-    for i, f in enumerate(_progress(files, len(files), desc)):
+    for i, f in enumerate(_progress(files, len(files), desc, progress)):
         try:
             with Image.open(f) as im:
                 im = im.convert(mode)
@@ -560,7 +587,7 @@ def _image_mode(files: list[Path]) -> str:
 
 
 def _load_image_folder(
-    root: Path, image_size: int | None, test_fraction: float, seed: int
+    root: Path, image_size: int | None, test_fraction: float, seed: int, progress: bool = True
 ) -> tuple[ImageDataset, ImageDataset, dict]:
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if (root / "train").is_dir() and test_dir is not None:
@@ -575,8 +602,10 @@ def _load_image_folder(
             raise ValueError(f"{test_dir}: no images found (expected {test_dir.name}/<class>/<image>)")
         mode = _image_mode([f for f, _ in tr_files + te_files])
         cidx = {c: i for i, c in enumerate(classes)}
-        x_tr, size = _decode_files([f for f, _ in tr_files], image_size, mode, "decoding train images")
-        x_te, _ = _decode_files([f for f, _ in te_files], size, mode, "decoding test images")
+        x_tr, size = _decode_files(
+            [f for f, _ in tr_files], image_size, mode, "decoding train images", progress
+        )
+        x_te, _ = _decode_files([f for f, _ in te_files], size, mode, "decoding test images", progress)
         y_tr = np.array([cidx[c] for _, c in tr_files], np.int64)
         y_te = np.array([cidx[c] for _, c in te_files], np.int64)
         train, test = ImageDataset(x_tr, y_tr, classes), ImageDataset(x_te, y_te, classes)
@@ -589,7 +618,7 @@ def _load_image_folder(
             )
         mode = _image_mode([f for f, _ in files])
         cidx = {c: i for i, c in enumerate(classes)}
-        x, _ = _decode_files([f for f, _ in files], image_size, mode, "decoding images")
+        x, _ = _decode_files([f for f, _ in files], image_size, mode, "decoding images", progress)
         y = np.array([cidx[c] for _, c in files], np.int64)
         tr, te = stratified_split(y, test_fraction, seed)
         train, test = ImageDataset(x[tr], y[tr], classes), ImageDataset(x[te], y[te], classes)
@@ -608,6 +637,7 @@ def load_dataset(
     seed: int = 0,
     max_train: int | None = None,
     max_test: int | None = None,
+    progress: bool = True,
 ) -> tuple[ImageDataset, ImageDataset, DatasetInfo]:
     """Load a dataset into memory as (train, test, info).
 
@@ -616,9 +646,9 @@ def load_dataset(
 
             * ``"digits"`` (default dataset): scikit-learn's bundled 8x8 handwritten digits, 1 channel,
               1797 images, stratified split by ``test_fraction``/``seed``.
-            * ``"cifar10"``: ``cifar10_jpeg_bytes.npz`` found in ``$VMOE_DATA_DIR``, ``../shared/data`` or
-              ``shared/data`` up from the cwd; decoded once and cached under ``$VMOE_CACHE_DIR``
-              (default ``~/.cache/vmoe``).
+            * ``"cifar10"``: ``cifar10_jpeg_bytes.npz`` in ``$VMOE_DATA_DIR`` when set (only there),
+              else in ``../shared/data`` or ``shared/data`` up from the cwd; decoded once and cached
+              under ``$VMOE_CACHE_DIR`` (default ``~/.cache/vmoe``).
             * ``"synthetic"``: class-structured toy images (:func:`vmoe.data.make_synthetic`).
             * a ``.npz`` path: the CIFAR-10 JPEG-bytes format, or keras-style
               ``x_train, y_train, x_test, y_test`` (N, H, W) or (N, H, W, C).
@@ -629,6 +659,7 @@ def load_dataset(
         test_fraction: held-out fraction where the source has no fixed split.
         seed: split / subsampling seed.
         max_train, max_test: keep a random (seeded) subset of at most this many rows.
+        progress: show progress bars while decoding images (CIFAR-10 JPEGs, image folders).
 
     Raises:
         FileNotFoundError: a path that does not exist.
@@ -644,13 +675,14 @@ def load_dataset(
             max_train or 2000, max_test or 500, image_size or 16, 3, 10, seed=seed
         )  # already small
     elif spec_str == "cifar10":
-        found = find_cifar10_npz()
+        found = find_cifar10_npz()  # raises if $VMOE_DATA_DIR is set but lacks the file
         if found is None:
+            searched = ", ".join(str(c) for c in _cifar10_search_paths())
             raise FileNotFoundError(
-                f"{CIFAR10_JPEG_NPZ} not found: set $VMOE_DATA_DIR or place it in ../shared/data "
-                f"(searched from {Path.cwd()})"
+                f"{CIFAR10_JPEG_NPZ} not found: $VMOE_DATA_DIR is not set and none of these exist: "
+                f"{searched}; set $VMOE_DATA_DIR to the directory holding it"
             )
-        train, test, meta = _load_jpeg_npz(found)
+        train, test, meta = _load_jpeg_npz(found, progress=progress)
     else:
         path = Path(spec_str).expanduser()
         if not path.exists():
@@ -666,7 +698,7 @@ def load_dataset(
         if path.is_file():
             if path.suffix.lower() != ".npz":
                 raise ValueError(f"{path}: unsupported file type (expected a .npz file or a directory)")
-            train, test, meta = _load_keras_npz(path)
+            train, test, meta = _load_keras_npz(path, progress=progress)
         elif (
             (path / "data_batch_1").exists()
             or (path / "batches.meta").exists()
@@ -674,9 +706,9 @@ def load_dataset(
         ):
             train, test, meta = _load_cifar_python(path)
         elif (path / CIFAR10_JPEG_NPZ).is_file():
-            train, test, meta = _load_jpeg_npz(path / CIFAR10_JPEG_NPZ)
+            train, test, meta = _load_jpeg_npz(path / CIFAR10_JPEG_NPZ, progress=progress)
         else:
-            train, test, meta = _load_image_folder(path, image_size, test_fraction, seed)
+            train, test, meta = _load_image_folder(path, image_size, test_fraction, seed, progress)
     train = _subsample(train, max_train, seed)
     test = _subsample(test, max_test, seed + 1)
     if image_size is not None:
