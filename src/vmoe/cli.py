@@ -118,7 +118,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- eval
-def _load_for_eval(checkpoint: str, data: str | None, device: str, max_images: int | None = None) -> tuple:
+def _load_for_eval(
+    checkpoint: str, data: str | None, device: str, max_images: int | None = None, progress: bool = True
+) -> tuple:
     from vmoe.data import DatasetInfo, load_dataset
     from vmoe.train.checkpoint import load, load_checkpoint
     from vmoe.train.loop import resolve_device
@@ -139,6 +141,7 @@ def _load_for_eval(checkpoint: str, data: str | None, device: str, max_images: i
         image_size=image_size,
         max_train=tc.get("max_train") if spec == tc.get("data") else None,
         max_test=max_images if max_images is not None else tc.get("max_test"),
+        progress=progress,
     )
     if ck["data_info"] is not None and spec == tc.get("data"):
         # Normalise with the statistics the model was trained with.
@@ -163,7 +166,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vmoe.eval.evaluate import DEFAULT_CAPACITIES, evaluate, sweep
     from vmoe.eval.plots import SWEEP_COLUMNS, format_table, plot_sweep
 
-    model, test, info, dev, ck = _load_for_eval(args.checkpoint, args.data, args.device, args.max_images)
+    model, test, info, dev, ck = _load_for_eval(
+        args.checkpoint, args.data, args.device, args.max_images, progress=not args.no_progress
+    )
     t0 = time.perf_counter()
     res = evaluate(model, test, info, batch_size=args.batch_size, device=dev)
     result: dict[str, Any] = {

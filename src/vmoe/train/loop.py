@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmoe import rng
-from vmoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vmoe.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from vmoe.train.config import TrainConfig
 
 __all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "lr_at", "train"]
@@ -223,7 +223,11 @@ class Trainer:
 
         # Data: the split is fixed (seed 0) so runs with different seeds see the same test set.
         self.train_set, self.test_set, self.info = load_dataset(
-            cfg.data, image_size=cfg.image_size, max_train=cfg.max_train, max_test=cfg.max_test
+            cfg.data,
+            image_size=cfg.image_size,
+            max_train=cfg.max_train,
+            max_test=cfg.max_test,
+            progress=progress and self.is_main,
         )
         hflip = self.info.default_hflip if cfg.hflip is None else cfg.hflip
         self.augment = BatchAugment(
@@ -283,7 +287,7 @@ class Trainer:
             else:
                 state = load_checkpoint(ckpt, map_location="cpu")
                 _check_resumable(ckpt, state, self.model_config, cfg.to_dict(), self.log)
-                self.model.load_state_dict(state["state_dict"])
+                load_model_weights(self.model, state["state_dict"], ckpt / "model.safetensors")
                 self.step = int(state["step"])
                 self.log(f"resuming from {ckpt} (step {self.step})")
         elif ckpt is not None:
