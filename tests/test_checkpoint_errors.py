@@ -176,3 +176,18 @@ def test_evaluate_rejects_a_non_positive_batch_size(bad):
             fn(model, test_set, info, batch_size=bad)
     res = evaluate(model, test_set, info, batch_size=3)
     assert res["num_images"] == 8 and 0.0 <= res["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_evaluate_and_analyze_reject_a_bad_image_count(bad, tmp_path):
+    from vmoe.eval.analyze import analyze
+
+    _, test_set, info = make_synthetic(16, 8, 8, 3, 3, seed=0)
+    model = tiny_model()
+    with pytest.raises(
+        ValueError, match=re.escape(f"max_images must be an integer >= 1 (or None: all), got {bad!r}")
+    ):
+        evaluate(model, test_set, info, max_images=bad)
+    with pytest.raises(ValueError, match=re.escape(f"max_images must be an integer >= 1, got {bad!r}")):
+        analyze(model, test_set, info, tmp_path, max_images=bad)
+    assert evaluate(model, test_set, info, max_images=5)["num_images"] == 5

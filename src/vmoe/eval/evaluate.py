@@ -59,6 +59,10 @@ def evaluate(
     from vmoe.models.flops import realized_flops_per_image
 
     _check_batch_size(batch_size)
+    if max_images is not None and (
+        isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1
+    ):
+        raise ValueError(f"max_images must be an integer >= 1 (or None: all), got {max_images!r}")
     device = torch.device(device)
     was_training = model.training
     model.eval()
