@@ -572,6 +572,27 @@ def test_mixup_deterministic_and_soft_targets():
     assert tm.shape == (8, 4) and xm.shape == xf.shape
 
 
+def test_mixup_blocks_pair_the_same_in_any_split():
+    """Partners stay inside blocks: a batch cut into whole blocks (ranks) pairs as the whole batch."""
+    idx = torch.randperm(1000)[:24]
+    whole = mixup_partners(idx, 3, 7, block=4)
+    assert (whole // 4 == torch.arange(24) // 4).all()  # never across a block
+    assert not (whole == torch.arange(24)).any() and sorted(whole.tolist()) == list(range(24))
+    halves = torch.cat(
+        [mixup_partners(idx[:12], 3, 7, block=4), mixup_partners(idx[12:], 3, 7, block=4) + 12]
+    )
+    assert torch.equal(whole, halves)
+    assert torch.equal(mixup_partners(idx, 3, 7), mixup_partners(idx, 3, 7, block=24))  # None: one block
+    assert not torch.equal(
+        mixup_partners(idx, 3, 7),
+        torch.cat([mixup_partners(idx[:12], 3, 7), mixup_partners(idx[12:], 3, 7) + 12]),
+    )
+    last = mixup_partners(idx[:10], 0, 0, block=4)  # a shorter last block pairs within itself
+    assert set(last[8:].tolist()) == {8, 9}
+    with pytest.raises(ValueError, match="block must be >= 1 image, got 0"):
+        mixup_partners(idx, 0, 0, block=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_augment_cuda_matches_cpu():

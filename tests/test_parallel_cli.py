@@ -74,12 +74,14 @@ TRAIN = [
     "max_test=48",
     "eval_batch_size=16",
     "model.dropout=0.1",
+    "mixup=0.2",  # partners within routing groups: the same on 2 ranks
 ]
 
 
 def test_torchrun_expert_parallel_matches_single_process(tmp_path):
     _vmoe([*TRAIN, "--out", str(tmp_path / "one")])
-    _vmoe([*TRAIN, "--expert-parallel", "2", "--out", str(tmp_path / "two")], nproc=2)
+    res = _vmoe([*TRAIN, "--expert-parallel", "2", "--out", str(tmp_path / "two")], nproc=2)
+    assert "not a multiple of group_size" not in res.stderr  # 8 images per rank, groups of 4
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]  # rank 0 alone writes metrics.jsonl
     for s in a:
@@ -127,3 +129,82 @@ def test_checkpoint_from_two_processes_resumes_in_one(tmp_path):
     assert sorted(b) == [1, 2, 3, 4, 5]
     for s in a:
         assert b[s] == pytest.approx(a[s], abs=1e-5), s
+
+
+def test_torchrun_warns_when_ranks_split_routing_groups(tmp_path):
+    args = ["train", "--recipe", "tiny", "--steps", "1", "--batch-size", "12", "--no-progress"]
+    res = _vmoe([*args, "--set", "max_test=16", "--out", str(tmp_path / "run")], nproc=2)
+    assert "warning: 6 images per rank is not a multiple of group_size 4" in res.stderr
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"RANK="):
+            return int(kv[5:])
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc to find one worker")
+def test_signal_to_one_rank_stops_all_at_one_step_with_a_checkpoint(tmp_path):
+    """SIGTERM to rank 1 alone: every rank stops at the same step and the checkpoint is written (no hang);
+    the run then resumes in one process without naming the layout."""
+    import signal
+    import time
+
+    from vmoe.train.checkpoint import latest_checkpoint
+
+    run = tmp_path / "run"
+    args = ["train", "--recipe", "tiny", "--steps", "400", "--log-every", "1", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+    ]
+    cmd += [
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "vmoe",
+        *args,
+        "--expert-parallel",
+        "2",
+        "--out",
+        str(run),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            m = run / "metrics.jsonl"
+            if m.exists() and len(m.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        workers = {_rank_of(c): c for c in _children(proc.pid)}
+        os.kill(workers[1], signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)  # a hang fails here
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None, err[-3000:]
+    stopped = int(ckpt.name.split("_")[1])
+    assert 3 <= stopped < 400
+    assert max(_losses(run)) == stopped  # rank 0 logged up to the step all ranks stopped at
+    res = _vmoe(["train", "--out", str(run), "--resume", "--steps", str(stopped + 2), "--no-progress"])
+    assert "resuming from" in res.stderr
+    assert sorted(_losses(run)) == list(range(1, stopped + 3))

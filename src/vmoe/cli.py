@@ -92,6 +92,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     for k, v in (("patch_size", args.patch_size), ("num_experts", args.num_experts)):
         if v is not None:
             pairs.append(f"model.{k}={v}")
+    if saved is not None and args.expert_parallel is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        pairs.insert(0, "expert_parallel=1")  # the layout is the launch's, not the run's: one process here
     pairs += args.set or []
     return apply_overrides(cfg, pairs)
 

@@ -14,7 +14,10 @@ Pipeline of :class:`BatchAugment` (all vectorised over the batch, no per-image P
 2. horizontal flip with probability 1/2 (fused into the crop);
 3. optional RandAugment (``num_ops`` ops per image, fixed ``magnitude`` in 0..10) from: identity,
    autocontrast, brightness, contrast, solarize, posterize, rotate (≤30°), shear_x/shear_y (≤0.3),
-   translate_x/translate_y (≤45% of the side). Geometric ops fill with black (0);
+   translate_x/translate_y (≤45% of the side). Geometric ops fill with black (0). Magnitudes follow
+   torchvision's RandAugment (stronger = more distortion; solarize inverts pixels >= 1 - M/10), not
+   the TF EfficientNet code the official configs call, whose solarize is a no-op at M=10 and whose
+   op set differs (equalize, invert, color, sharpness, cutout; grey fill; per-op probability);
 4. conversion to float in [0, 1] and normalisation ``(x - mean) / std``.
 """
 
@@ -271,16 +274,28 @@ def randaugment(
 # ------------------------------------------------------------------------------------------ mixup
 
 
-def mixup_partners(indices: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+def mixup_partners(indices: torch.Tensor, epoch: int, seed: int, block: int | None = None) -> torch.Tensor:
     """int64 (B,): position in the batch of each image's mixup partner.
 
-    Images are ordered by a hash of their index; each is paired with the next one in that order
-    (cyclically), so nobody is paired with itself when B > 1.
+    The batch is cut into consecutive blocks of ``block`` images (None: one block; the last may be
+    shorter). Within a block, images are ordered by a hash of their index and each is paired with
+    the next one in that order (cyclically), so nobody is paired with itself in a block of > 1.
+    Pairs never cross a block, so a batch split across ranks in whole blocks pairs as it would whole.
     """
+    B = indices.shape[0]
+    block = B if block is None else int(block)
+    if block < 1:
+        raise ValueError(f"mixup block must be >= 1 image, got {block}")
     keys = hash_bits(indices, seed, epoch, STREAM_MIXUP, n=1)[:, 0]
+    blocks = torch.arange(B, device=indices.device) // block
     order = torch.argsort(keys, stable=True)
+    order = order[torch.argsort(blocks[order], stable=True)]  # by block, then by hash
+    j = torch.arange(B, device=indices.device)
+    start = (j // block) * block
+    end = torch.clamp(start + block, max=B)
+    nxt = torch.where(j + 1 < end, j + 1, start)  # the next in the block, cyclically
     partner = torch.empty_like(order)
-    partner[order] = order.roll(-1)
+    partner[order] = order[nxt]
     return partner
 
 
@@ -301,6 +316,7 @@ def mixup(
     indices: torch.Tensor,
     epoch: int,
     seed: int,
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup with per-image weights: ``x_i' = lam_i x_i + (1 - lam_i) x_p(i)`` and the same for targets.
 
@@ -309,18 +325,19 @@ def mixup(
         labels_onehot: float (B, K) (one-hot or already soft).
         alpha: Beta(alpha, alpha) parameter; ``alpha <= 0`` returns the inputs unchanged.
         indices: int64 (B,) global dataset indices; ``lam_i`` depends on (seed, epoch, index) only.
+        block: partners are chosen within consecutive blocks of this many images
+            (:func:`mixup_partners`; None: the whole batch).
 
     Returns:
         (mixed images (B, C, H, W), soft targets (B, K)).
 
-    Caveat: the partner ``p(i)`` is chosen among the images *in this batch* (by a hash-derived
-    permutation), so it depends on batch composition. Runs that form the same global batches
-    (resume, or data-parallel ranks applying mixup to the gathered global batch) reproduce it; applying
-    it per rank on local slices pairs images differently than a single process would.
+    The partner ``p(i)`` depends on which images share its block. The trainer uses blocks of the
+    routing group size, so any layout whose per-rank slices are whole groups (the condition for
+    identical routing too) mixes exactly as a single process does.
     """
     if alpha <= 0:
         return images, labels_onehot
-    partner = mixup_partners(indices, epoch, seed).to(images.device)
+    partner = mixup_partners(indices, epoch, seed, block).to(images.device)
     lam = mixup_lambdas(indices, epoch, seed, alpha).to(images.device, images.dtype)
     lam_x = lam.reshape(-1, *([1] * (images.ndim - 1)))
     mixed = lam_x * images + (1 - lam_x) * images[partner]
@@ -392,9 +409,10 @@ class BatchAugment:
         indices: torch.Tensor,
         epoch: int,
         seed: int,
+        block: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One-hot the labels and apply :func:`mixup` with ``config.mixup`` (identity when 0).
 
         Returns (images (B, C, H, W), soft targets float32 (B, num_classes))."""
         targets = one_hot(labels.to(images.device), num_classes)
-        return mixup(images, targets, self.config.mixup, indices.to(images.device), epoch, seed)
+        return mixup(images, targets, self.config.mixup, indices.to(images.device), epoch, seed, block)

@@ -296,6 +296,17 @@ class Trainer:
                 "or choose another --out"
             )
 
+        moe = self.model.cfg.moe
+        per_rank = cfg.batch_size // self.world
+        # Mixup partners within routing groups (8 images for a dense model): the same in any layout
+        # whose rank slices are whole groups.
+        self.mixup_block = moe.group_size if moe is not None else 8
+        split_groups = self.world > 1 and moe is not None and per_rank % moe.group_size != 0
+        if split_groups and self.is_main and self.model.moe_layers():
+            self.log(
+                f"warning: {per_rank} images per rank is not a multiple of group_size {moe.group_size}: "
+                "routing groups differ from a single-process run of the same batch (and so do results)"
+            )
         if layout is not None:
             from vmoe import parallel
 
@@ -381,6 +392,20 @@ class Trainer:
         self.checkpoint_path = path
         return path
 
+    def _stop_requested(self, flag: _SignalFlag) -> bool:
+        """Whether any rank got SIGTERM/SIGINT: all ranks stop (and checkpoint) at the same step.
+
+        A signal delivered to one rank only (a scheduler, a Ctrl-C in one terminal) would otherwise
+        leave it waiting in the checkpoint's collectives while the others train on. Across ranks the
+        flag is agreed on at logging steps (where the metrics are reduced anyway: no extra sync).
+        """
+        local = flag.signum is not None
+        if self.layout is None or self.world == 1:
+            return local
+        if self.step % self.cfg.log_every and self.step != self.total_steps:
+            return False
+        return bool(self._reduce(torch.tensor(float(local))) > 0)
+
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.layout is None:
             return t
@@ -401,7 +426,7 @@ class Trainer:
         x = self.augment(images, indices, epoch=epoch, seed=cfg.seed)
         if cfg.mixup > 0:
             x, targets = self.augment.mix(
-                x, labels, self.info.num_classes, indices, epoch=epoch, seed=cfg.seed
+                x, labels, self.info.num_classes, indices, epoch=epoch, seed=cfg.seed, block=self.mixup_block
             )
         else:
             targets = labels
@@ -524,10 +549,10 @@ class Trainer:
                             )
                         if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                             self.save()
-                        if flag.signum is not None:
+                        if self._stop_requested(flag):
                             path = self.save()
                             bar.close()
-                            raise TrainingInterrupted(flag.signum, self.step, path)
+                            raise TrainingInterrupted(flag.signum or signal.SIGTERM, self.step, path)
                         if self.step >= self.total_steps:
                             break
             # Save before the final evaluation: an interrupt during it loses nothing (--resume then
