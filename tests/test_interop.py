@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -143,6 +144,14 @@ def test_timm_style_names():
 def test_act_mismatch_warns():
     with pytest.warns(UserWarning, match="act="):
         upcycle(_dense(act="gelu"), _moe())
+    # A state dict does not record its activation: a warning says so, unless the caller does.
+    with pytest.warns(UserWarning, match="do not say which activation"):
+        upcycle(_dense().state_dict(), _moe())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        upcycle(_dense().state_dict(), _moe(), source_act="gelu_tanh")
+    with pytest.warns(UserWarning, match="uses act='gelu' but the target uses act='gelu_tanh'"):
+        upcycle(_dense().state_dict(), _moe(), source_act="gelu")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")

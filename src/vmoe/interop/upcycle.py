@@ -98,6 +98,7 @@ def upcycle(
     skip_head: bool = False,
     skip: Sequence[str] = (),
     resize_pos_embed: bool = True,
+    source_act: str | None = None,
 ) -> VisionTransformer:
     """Copy a dense ViT's weights into a V-MoE of the same shape, in place, and return it.
 
@@ -116,6 +117,9 @@ def upcycle(
             target's init and ignored in ``dense``.
         resize_pos_embed: when the dense position embedding is for another patch grid, resize it
             (2-D bilinear, :func:`vmoe.resize_pos_embed`); if False, that is a shape mismatch.
+        source_act: the dense model's activation when ``dense`` is a state dict or another
+            library's module (read from ``dense`` when it is a vmoe model). A mismatch with the
+            target's, or an unknown one, warns: the upcycled model would not compute the same function.
 
     timm's ``fc_norm`` (a LayerNorm after average pooling, used by ``global_pool="avg"`` models
     instead of ``norm``) has no exact counterpart here (our ``gap`` classifier normalises before
@@ -129,9 +133,18 @@ def upcycle(
         raise ValueError(f"target must be a vmoe VisionTransformer, got {type(target).__name__}")
     skip = tuple(skip) + (("head",) if skip_head else ())
     src = _source_state_dict(dense)
-    if isinstance(dense, VisionTransformer) and dense.cfg.act != target.cfg.act:
+    if isinstance(dense, VisionTransformer):
+        source_act = dense.cfg.act
+    if source_act is None:
         warnings.warn(
-            f"dense model uses act={dense.cfg.act!r} but the target uses act={target.cfg.act!r}; "
+            f"the dense weights do not say which activation their MLPs used (a state dict, or another "
+            f"library's model); the target uses act={target.cfg.act!r}, timm's ViTs exact GELU: build the "
+            "target with act='gelu' for those (or pass source_act= to silence this)",
+            stacklevel=2,
+        )
+    elif source_act != target.cfg.act:
+        warnings.warn(
+            f"dense model uses act={source_act!r} but the target uses act={target.cfg.act!r}; "
             "the upcycled model will not compute the same function",
             stacklevel=2,
         )
@@ -273,14 +286,15 @@ def upcycle_checkpoint(
         if isinstance(dense, VisionTransformer):
             info["model_config"] = dense.cfg.to_dict()
     target = create_model(model_name, **overrides)
-    src_act = (info["model_config"] or {}).get("act")
-    if src_act is not None and src_act != target.cfg.act:
-        warnings.warn(
-            f"dense model uses act={src_act!r} but {model_name} uses act={target.cfg.act!r}; "
-            f"pass act={src_act!r} to keep the dense model's function",
-            stacklevel=2,
-        )
-    upcycle(src, target, strict=strict, skip_head=skip_head, skip=skip, resize_pos_embed=resize_pos_embed)
+    upcycle(
+        src,
+        target,
+        strict=strict,
+        skip_head=skip_head,
+        skip=skip,
+        resize_pos_embed=resize_pos_embed,
+        source_act=(info["model_config"] or {}).get("act"),
+    )
     return save_checkpoint(
         out_dir,
         step,
