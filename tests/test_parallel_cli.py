@@ -156,11 +156,10 @@ def _rank_of(pid: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc to find one worker")
-def test_signal_to_one_rank_stops_all_at_one_step_with_a_checkpoint(tmp_path):
+def test_signal_to_one_rank_stops_all_at_one_step_with_a_checkpoint(tmp_path, wait_for_metrics):
     """SIGTERM to rank 1 alone: every rank stops at the same step and the checkpoint is written (no hang);
     the run then resumes in one process without naming the layout."""
     import signal
-    import time
 
     from vmoe.train.checkpoint import latest_checkpoint
 
@@ -188,12 +187,7 @@ def test_signal_to_one_rank_stops_all_at_one_step_with_a_checkpoint(tmp_path):
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            m = run / "metrics.jsonl"
-            if m.exists() and len(m.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.05)
+        wait_for_metrics(run, 3)
         workers = {_rank_of(c): c for c in _children(proc.pid)}
         os.kill(workers[1], signal.SIGTERM)
         _, err = proc.communicate(timeout=120)  # a hang fails here

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +199,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, stop):
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
 
 
-def test_sigterm_subprocess_resume(tmp_path):
+def test_sigterm_subprocess_resume(tmp_path, wait_for_metrics):
     """The real signal path: a separate process gets SIGTERM mid-run, checkpoints, exits, resumes."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     args = [
@@ -223,12 +222,7 @@ def test_sigterm_subprocess_resume(tmp_path):
     proc = subprocess.Popen(
         [*args, str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        m = run / "metrics.jsonl"
-        if m.exists() and len(m.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
+    wait_for_metrics(run, 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
