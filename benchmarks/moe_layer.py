@@ -503,6 +503,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
     p.add_argument("--small", action="store_true", help="tiny shapes: a quick self-test of the whole script")
+    p.add_argument(
+        "--shape",
+        metavar="B,T,D,M",
+        help="other layer shapes: images, tokens per image, model dim, expert hidden dim (e.g. 64,65,384,1536)",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
     p.add_argument("--no-peers", action="store_true", help="leave out fairscale/tutel even if importable")
     p.add_argument("--only", default=None, help="comma-separated rows to time (floors are always kept)")
@@ -538,7 +543,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         impls = ("loop", "packed") + (("grouped_mm",) if hasattr(torch, "_grouped_mm") else ())
     else:
         impls = ()
-    if a.small:
+    if a.shape:
+        try:
+            b, t, d, m = (int(v) for v in a.shape.split(","))
+            if min(b, t, d, m) < 1:
+                raise ValueError
+        except ValueError:
+            p.error(f"--shape expects four positive integers B,T,D,M, got {a.shape!r}")
+        base = dict(batch=b, tokens=t, dim=d, hidden=m)
+    elif a.small:
         base = dict(batch=12, tokens=17, dim=32, hidden=64, group_size=8)  # 12 = a full group + a partial one
     elif cuda:
         base = dict(batch=256, tokens=197, dim=768, hidden=3072)  # V-MoE-B/16
