@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vmoe.eval.evaluate import check_count
 from vmoe.moe.router import CapacityRoundingWarning
 
 __all__ = ["analyze", "collect_routing"]
@@ -95,8 +96,7 @@ def analyze(
     model = model.to(device).eval()
     if not model.moe_layers():
         raise ValueError("analyze needs a model with MoE layers; this one is dense")
-    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-        raise ValueError(f"max_images must be an integer >= 1, got {max_images!r}")
+    check_count("max_images", max_images)
     n = min(len(dataset), max_images)
     raw = torch.from_numpy(dataset.images[:n]).permute(0, 3, 1, 2)
     labels = torch.from_numpy(dataset.labels[:n]).long()

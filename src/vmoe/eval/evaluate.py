@@ -19,9 +19,13 @@ __all__ = ["DEFAULT_CAPACITIES", "evaluate", "sweep"]
 DEFAULT_CAPACITIES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
-def _check_batch_size(batch_size: Any) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+def check_count(name: str, value: Any, *, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming ``value`` unless it is an integer >= 1 (or None when ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        hint = " (or None: all)" if optional else ""
+        raise ValueError(f"{name} must be an integer >= 1{hint}, got {value!r}")
 
 
 def _autocast(device: torch.device, precision: str):  # type: ignore[no-untyped-def]
@@ -58,11 +62,8 @@ def evaluate(
     from vmoe.data import eval_transform
     from vmoe.models.flops import realized_flops_per_image
 
-    _check_batch_size(batch_size)
-    if max_images is not None and (
-        isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1
-    ):
-        raise ValueError(f"max_images must be an integer >= 1 (or None: all), got {max_images!r}")
+    check_count("batch_size", batch_size)
+    check_count("max_images", max_images, optional=True)
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -159,7 +160,7 @@ def sweep(
     import vmoe
     from vmoe.models.flops import flops_per_image
 
-    _check_batch_size(batch_size)
+    check_count("batch_size", batch_size)
     if not model.moe_layers():
         raise ValueError("the capacity sweep needs a model with MoE layers; this one is dense")
     num_experts = min(layer.num_experts for _, layer in model.moe_layers())

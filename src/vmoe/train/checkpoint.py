@@ -34,6 +34,7 @@ __all__ = [
     "load",
     "load_checkpoint",
     "load_model_weights",
+    "load_optimizer_state",
     "resolve_checkpoint",
     "save_checkpoint",
 ]
@@ -149,8 +150,7 @@ def load_checkpoint(
     Keys: ``path``, ``state_dict``, ``model_config``, ``train_config`` (or None), ``data_info``
     (or None), ``train_state`` (or None), ``step``.
 
-    Raises :class:`CheckpointError` naming the file for a missing or corrupt file, and for an
-    optimizer state in ``train_state.pt`` that does not fit the model of ``model_config.json``.
+    Raises :class:`CheckpointError` naming the file for a missing or corrupt file.
     """
     ckpt = resolve_checkpoint(path)
     try:
@@ -173,7 +173,6 @@ def load_checkpoint(
             out["train_state"] = torch.load(ts, map_location=map_location, weights_only=False)
         except Exception as e:  # corrupt pickle / zip
             raise CheckpointError(f"{ts}: corrupt training state ({e})") from None
-        _check_optimizer_state(ts, out["train_state"], out["model_config"])
     step_txt = (ckpt / "COMPLETE").read_text().strip() if (ckpt / "COMPLETE").exists() else ""
     out["step"] = int(step_txt) if step_txt.isdigit() else (out["train_state"] or {}).get("step", 0)
     return out
@@ -240,50 +239,23 @@ def load_model_weights(
         raise CheckpointError(f"{os.fspath(path)}: weights do not fit the model config ({msg})") from None
 
 
-def _check_optimizer_state(ts: Path, train_state: Any, model_config: dict[str, Any]) -> None:
-    """Raise :class:`CheckpointError` naming ``ts`` when the optimizer state in ``train_state``
-    cannot be loaded into an optimizer over the model ``model_config`` describes (e.g. a
-    ``train_state.pt`` copied in from another run): the checks ``Optimizer.load_state_dict`` makes
-    (number of parameter groups, parameters per group), plus the shapes of per-parameter state."""
-    if not isinstance(train_state, dict) or "optimizer" not in train_state:
-        return  # not written by the training loop; nothing to compare
-    opt = train_state["optimizer"]
-    groups = opt.get("param_groups") if isinstance(opt, dict) else None
-    states = opt.get("state", {}) if isinstance(opt, dict) else None
-    if (
-        not isinstance(groups, list)
-        or not isinstance(states, dict)
-        or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
-    ):
-        raise CheckpointError(
-            f"{ts}: corrupt training state ('optimizer' must be an optimizer state dict with "
-            f"'state' and 'param_groups', got {type(opt).__name__})"
-        )
-    try:  # the model's parameters, without allocating them
-        from vmoe.config import ModelConfig
-        from vmoe.models import build_model
-        from vmoe.train.loop import param_groups
-
-        with torch.device("meta"):
-            model = build_model(ModelConfig.from_dict(model_config))
-        names = {id(p): n for n, p in model.named_parameters()}
-        want = [[(names[id(p)], _shape(p)) for p in g["params"]] for g in param_groups(model, 0.0)]
-    except Exception:  # an invalid model config is reported by load(); skip the comparison
-        return
-    found = [len(g["params"]) for g in groups]
-    expected = [len(g) for g in want]
-    if found != expected:
-        raise CheckpointError(
-            f"{ts}: optimizer state does not fit the model in model_config.json (from another run?): "
-            f"expected {len(expected)} parameter groups of {expected} parameters, found "
-            f"{len(found)} of {found}"
-        )
-    flat = [pid for g in groups for pid in g["params"]]
-    params = [x for g in want for x in g]
-    for pid, (name, shape) in zip(flat, params):
-        for k, v in (states.get(pid) or {}).items():
-            if k != "step" and isinstance(v, torch.Tensor) and v.ndim > 0 and _shape(v) != shape:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, path: str | os.PathLike[str]) -> None:
+    """``optimizer.load_state_dict(state)``, raising :class:`CheckpointError` naming ``path`` (the
+    ``train_state.pt`` it came from) when the state does not fit the optimizer's parameters (e.g. a
+    file copied in from another run): torch's own checks (groups, parameters per group), plus the
+    shape of every per-parameter tensor, which torch does not check."""
+    where = f"{os.fspath(path)}: optimizer state does not fit the model (from another run?)"
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    names = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            names[p] = len(names)
+    for p, i in names.items():
+        for k, v in optimizer.state.get(p, {}).items():
+            if k != "step" and isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape != p.shape:
                 raise CheckpointError(
-                    f"{ts}: optimizer state does not fit the model in model_config.json (from another "
-                    f"run?): {k} of {name} expected {shape}, found {_shape(v)}"
+                    f"{where}: {k} of parameter {i} expected {_shape(p)}, found {_shape(v)}"
                 )

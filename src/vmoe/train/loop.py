@@ -24,7 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmoe import rng
-from vmoe.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from vmoe.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    load_optimizer_state,
+    save_checkpoint,
+)
 from vmoe.train.config import TrainConfig
 
 __all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "lr_at", "train"]
@@ -324,7 +330,7 @@ class Trainer:
 
                 parallel.load_full_optimizer_state_dict(self.model, self.optimizer, opt_state, layout)
             else:
-                self.optimizer.load_state_dict(opt_state)
+                load_optimizer_state(self.optimizer, opt_state, state["path"] / "train_state.pt")
             rng_state = state["train_state"].get("torch_rng")
             if rng_state is not None:
                 torch.set_rng_state(rng_state)
