@@ -23,6 +23,7 @@ AUX_KEYS = {
     "dropped_fraction",
     "expert_load",
     "assignments_per_image",
+    "selected_per_image",
     "tokens_per_image",
     "capacity",
 }

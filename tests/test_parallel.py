@@ -286,7 +286,37 @@ def _comm_checks(rank: int, out: Path, layout: parallel.Layout) -> None:
         (out / f"consistent_{rank}.txt").write_text(str(e))
     t = parallel.all_reduce_mean(torch.tensor([float(rank), 2.0]), layout)
     torch.testing.assert_close(t, torch.tensor([0.5, 2.0]))
+    _eval_checks(layout)
     (out / f"comm_ok_{rank}.txt").write_text("ok")
+
+
+def _eval_checks(layout: parallel.Layout) -> None:
+    """Expert-parallel evaluation equals the one-process one when batches split routing groups
+    across ranks and end in a partial group: every image is routed with the same others."""
+    from vmoe.data import make_synthetic
+    from vmoe.eval.evaluate import evaluate
+
+    _, test_set, info = make_synthetic(4, 19, 12, 3, NUM_CLASSES, seed=3)
+    torch.manual_seed(7)
+    single = _make_model()
+    with torch.no_grad():  # a trained-looking head, so that the logits differ between images
+        single.head.weight.normal_(0, 1.0)
+    model = parallel.parallelize(copy.deepcopy(single), layout)
+    # Batches of 7, 7, 5 images (group_size 2): the old even split put 4 + 3 images on the ranks,
+    # cutting a group, and filled the last rank with copies that competed for capacity.
+    for capacity in (1.0, 0.5):
+        from vmoe import routing_overrides
+
+        with (
+            routing_overrides(single, capacity_factor=capacity),
+            routing_overrides(model, capacity_factor=capacity),
+        ):
+            want = evaluate(single, test_set, info, batch_size=7)
+            got = evaluate(model, test_set, info, batch_size=7, layout=layout)
+        assert want["dropped_fraction"] > 0.05, want
+        for key in ("accuracy", "dropped_fraction", "gflops_per_image"):
+            assert got[key] == pytest.approx(want[key], abs=1e-9), (capacity, key, got, want)
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-5), (capacity, got, want)
 
 
 def _w_failure(rank: int, out: Path, mode: str) -> None:

@@ -108,8 +108,9 @@ class MoEMlp(nn.Module):
         ``importance_loss``, ``load_loss`` (means over groups), ``dropped_fraction`` (share of the
         B*T*k assignments dropped), ``expert_load`` (E,) (share of kept assignments per expert),
         ``assignments_per_image`` (B,) (kept (token, expert) pairs, i.e. expert MLP rows run per
-        image) and ``tokens_per_image`` (B,) (tokens with at least one kept assignment),
-        ``capacity`` (of the full groups).
+        image), ``selected_per_image`` (int, ``T * k``: the assignments each image asks for),
+        ``tokens_per_image`` (B,) (tokens with at least one kept assignment), ``capacity`` (of the
+        full groups).
         """
         if x.dim() != 3:
             raise ValueError(f"MoE layer input must be (B, T, D), got {tuple(x.shape)}")
@@ -170,6 +171,7 @@ class MoEMlp(nn.Module):
                 "dropped_fraction": 1.0 - keptf.mean(),
                 "expert_load": load / load.sum().clamp(min=1.0),
                 "assignments_per_image": keptf.sum(-1).view(B, T).sum(-1),
+                "selected_per_image": T * kept.shape[-1],
                 "tokens_per_image": kept.any(-1).float().view(B, T).sum(-1),
                 "capacity": outs[0].routing.capacity,
             }
