@@ -366,6 +366,94 @@ def test_layer_packed_rows_with_dropout_match_buffers():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_static_packed_dispatcher_front_packs_the_filled_rows():
+    # static=True: the packed dispatcher's rows first, in a fixed min(E*R, N*K) rows, zeros after, with
+    # the per-expert counts as device offsets; combine reads only the filled rows.
+    for C in (0.75, 1.5, None):
+        layer = _layer(E=4, C=C, group_size=2).eval()
+        x = torch.randn(5, 6, 8, dtype=torch.float64)
+        routings = [
+            layer.router(x.reshape(-1, 8)[a * 6 : (a + g * n) * 6].view(g, n * 6, 8), first_image=a).routing
+            for a, g, n in routing_chunks(5, 2)
+        ]
+        packed = IndexDispatcher(routings, packed=True)
+        for pad in (False, True):
+            static = IndexDispatcher(routings, static=True, pad=pad)
+            E, R, NK = 4, packed.rows_per_expert, 30 * 2
+            assert static.total_rows == min(E * R, NK) and static.counts is None
+            assert static.offsets.dtype == torch.int32
+            assert static.offsets.tolist() == torch.tensor(packed.counts).cumsum(0).tolist()
+            filled = sum(packed.counts)
+            xf = x.reshape(30, 8)
+            a, b = packed.dispatch(xf), static.dispatch(xf)
+            assert torch.equal(b[:filled], a) and not b[filled:].any()
+            assert torch.equal(static.row_tokens()[:filled], packed.row_tokens())
+            assert (static.row_tokens()[filled:] == -1).all()
+            assert torch.equal(static.row_experts()[:filled], packed.row_experts())
+            y = torch.randn(static.total_rows, 8, dtype=torch.float64)
+            y[filled:] = float("nan")  # rows that belong to no token are never read
+            torch.testing.assert_close(static.combine(y), packed.combine(y[:filled]), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(
+    not hasattr(torch, "_grouped_mm"), reason=f"torch {torch.__version__} has no torch._grouped_mm"
+)
+@pytest.mark.parametrize("C", [0.75, 1.05, None])
+@pytest.mark.parametrize("bpr", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_layer_grouped_mm_rows_equal_batched(C, bpr, p, monkeypatch):
+    # experts_impl="grouped_mm": front-packed rows (no host sync), b1 riding in the first kernel, b2 added
+    # by row. Equals the batched experts over the buffers in outputs, every gradient (router, experts,
+    # input) and inference, with dropout, a partial routing group, capacity and dropless routing; what the
+    # kernels leave in the rows past the last offset (poisoned with NaN here) is never read.
+    import vmoe.moe.experts
+
+    real = torch._grouped_mm
+
+    def poisoned(a, b, offs):
+        out = real(a, b, offs=offs)
+        if out.dim() == 2:  # rows, not the (E, ., .) weight gradients
+            out[int(offs[-1]) :] = float("nan")
+        return out
+
+    monkeypatch.setattr(vmoe.moe.experts, "_grouped_mm_op", lambda: poisoned)
+    layer = _layer(E=8, C=C, bpr=bpr, group_size=2, D=16, M=32).float()
+    layer.experts.p = p
+    ref = _layer(E=8, C=C, bpr=bpr, group_size=2, D=16, M=32).float()
+    ref.experts.p = p
+    ref.load_state_dict(layer.state_dict())
+    layer.experts.impl, ref.experts.impl = "grouped_mm", "bmm"
+    x = torch.randn(5, 9, 16)
+    gy = torch.randn_like(x)
+    res = []
+    for lay in (layer, ref):
+        with rng.positional_rng(seed=4):
+            res.append(_grads(lay, x, gy))
+    assert torch.isfinite(res[0][0]).all()
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(res[0][2], res[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    layer.eval(), ref.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+    # Frozen experts (only the router and the input need gradients) and a frozen second layer.
+    for frozen in (("w1", "b1", "w2", "b2"), ("w2", "b2")):
+        for lay in (layer, ref):
+            lay.train()
+            for name in frozen:
+                getattr(lay.experts, name).requires_grad_(False)
+        xi = [x.clone().requires_grad_(True) for _ in range(2)]
+        got = []
+        for lay, xx in zip((layer, ref), xi):
+            with rng.positional_rng(seed=5):
+                y, aux = lay(xx)
+            params = [q for q in lay.parameters() if q.requires_grad]
+            got.append(torch.autograd.grad((y * gy).sum() + aux["aux_loss"], [xx, *params]))
+        assert len(got[0]) == len(got[1])
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("impl", ["packed", "bmm"])
 def test_dropless_equals_per_token_reference(impl):
     # capacity_factor=None: nothing is dropped, and y[t] = sum_k gate_k * expert_{e_k}(x[t]). The packed

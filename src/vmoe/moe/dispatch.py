@@ -198,31 +198,56 @@ class IndexDispatcher:
     The same tokens are kept in the same slots; the empty capacity slots are simply never
     materialised (finding them costs one host synchronisation).
 
+    With ``static=True`` (implies packed) the filled rows come first in a tensor of a fixed
+    ``min(E*R, N*K)`` rows, expert-major, and ``offsets`` (E,) int32 on the device holds the
+    cumulative row counts (the ``offs`` of ``torch._grouped_mm``): no host synchronisation. Rows
+    from ``offsets[-1]`` on belong to no token; what an expert computes there is never read.
+
     Args:
         routings: the chunks' routing plans, each with fields (G_c, S_c, K), in token order.
         pad: how empty rows are made zero (see :class:`_RowMap`); default: pad off the CPU, or when
             compiled.
         packed: keep only the filled rows (see above).
+        static: packed rows in a fixed-size tensor, with device offsets (see above).
     """
 
-    def __init__(self, routings: Sequence[Routing], *, pad: bool | None = None, packed: bool = False) -> None:
+    def __init__(
+        self,
+        routings: Sequence[Routing],
+        *,
+        pad: bool | None = None,
+        packed: bool = False,
+        static: bool = False,
+    ) -> None:
         self.num_experts, self.rows_per_expert, _offsets = _layout(routings)
-        self.packed = packed
+        self.packed = packed or static
         positions = _positions(routings, self.rows_per_expert, _offsets)  # (N, K), E*R where dropped
         self.weights = torch.cat([r.weights.reshape(-1, r.num_selected) for r in routings], dim=0)  # (N, K)
         self.num_tokens, K = positions.shape
         total = self.num_experts * self.rows_per_expert
         row_assign = _row_assignments(positions, total)  # (E*R,), N*K where empty
         self.counts: list[int] | None = None
-        if packed:
+        self.offsets: torch.Tensor | None = None
+        if self.packed:
             filled = row_assign < self.num_tokens * K  # (E*R,)
-            keep = filled.nonzero().squeeze(1)  # (F,): the filled rows, expert-major (host sync)
-            self.counts = filled.view(self.num_experts, -1).sum(1).tolist()
-            rank = torch.cumsum(filled, 0) - 1  # buffer row -> packed row
-            rank = torch.cat([rank, rank.new_full((1,), keep.numel())])  # dropped (E*R) -> F
+            rank = torch.cumsum(filled, 0) - 1  # buffer row -> packed row (for the filled ones)
+            if static:
+                # A fixed number of rows (no host sync): at most min(E*R, N*K) rows can be filled.
+                size = min(total, self.num_tokens * K)
+                per_expert = filled.view(self.num_experts, -1).sum(1)
+                self.offsets = torch.cumsum(per_expert, 0).to(torch.int32)  # (E,) on the device
+                dest = torch.where(filled, rank, torch.full_like(rank, size))  # empty rows -> spare slot
+                spare = torch.full((size + 1,), total, dtype=torch.int64, device=rank.device)
+                keep = spare.scatter_(0, dest, torch.arange(total, device=rank.device))[:size]
+                row_assign = F.pad(row_assign, (0, 1), value=self.num_tokens * K).index_select(0, keep)
+            else:
+                keep = filled.nonzero().squeeze(1)  # (F,): the filled rows, expert-major (host sync)
+                self.counts = filled.view(self.num_experts, -1).sum(1).tolist()
+                size = keep.numel()
+                row_assign = row_assign.index_select(0, keep)
+            rank = torch.cat([rank, rank.new_full((1,), size)])  # dropped (E*R) -> size
             positions = rank[positions]
-            row_assign = row_assign.index_select(0, keep)
-            total = keep.numel()
+            total = size
         self.positions = positions  # (N, K) row of each assignment, ``total_rows`` where dropped
         self.total_rows = total
         self.row_assign = row_assign  # (total_rows,) assignment n * K + k of each row, N*K where empty
@@ -271,6 +296,9 @@ class IndexDispatcher:
         """(total_rows,) int64: the expert each row belongs to."""
         E = self.num_experts
         device = self.sources.device
+        if self.offsets is not None:  # rows past the last offset (no token) are given to the last expert
+            rows = torch.arange(self.total_rows, device=device, dtype=torch.int32)
+            return torch.searchsorted(self.offsets, rows, right=True).clamp_(max=E - 1)
         if self.counts is not None:
             return torch.repeat_interleave(
                 torch.arange(E, device=device), torch.tensor(self.counts, device=device)

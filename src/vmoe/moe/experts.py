@@ -113,6 +113,108 @@ class _GroupedMlp(torch.autograd.Function):
         return gx, gw1, gb1, gw2, gb2, None, None, None
 
 
+#: Columns :meth:`Experts.grouped_rows_input` appends to the tokens: a 1 and 7 zeros.
+GROUPED_PAD = 8
+
+
+def _grouped_mm_op() -> Any:
+    op = getattr(torch, "_grouped_mm", None)
+    if op is None:
+        raise RuntimeError(
+            f"experts impl 'grouped_mm' needs torch >= 2.8 (torch._grouped_mm); this is {torch.__version__}"
+        )
+    return op
+
+
+def _check_grouped_mm_sizes(dim: int, hidden_dim: int) -> None:
+    if dim % 8 or hidden_dim % 8:
+        raise ValueError(
+            f"experts impl 'grouped_mm' needs dim and hidden_dim multiples of 8, got {dim} and {hidden_dim}"
+        )
+
+
+def _with_bias_row(w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+    """(E, D, M), (E, M) -> (E, D + 8, M): the kernel that multiplies :meth:`Experts.grouped_rows_input`."""
+    E, _, M = w1.shape
+    return torch.cat([w1, b1.unsqueeze(1), w1.new_zeros(E, GROUPED_PAD - 1, M)], dim=1)
+
+
+def _segment_sums(g: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(T, W) -> (E, W): the sum of each expert's rows (rows past ``offsets[-1]`` left out), as a
+    grouped product with a ones matrix: float32 accumulation in bf16, deterministic, no atomics."""
+    ones = g.new_ones(g.shape[0], 8).t()  # (8, T), column-major (16-byte aligned for any T)
+    return _grouped_mm_op()(ones, g, offs=offsets)[:, 0]
+
+
+class _RowBias(torch.autograd.Function):
+    """``bias[experts]`` (T, W) for front-packed rows; the gradient is :func:`_segment_sums`."""
+
+    @staticmethod
+    def forward(ctx: Any, bias: torch.Tensor, experts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(offsets)
+        return bias.index_select(0, experts)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (offsets,) = ctx.saved_tensors
+        return _segment_sums(g.contiguous(), offsets), None, None
+
+
+class _GroupedRowsMlp(torch.autograd.Function):
+    """``act(x @ [w1; b1; 0]) @ w2 + b2[expert]`` over front-packed rows, with ``torch._grouped_mm``.
+
+    x (T, D + 8) from :meth:`Experts.grouped_rows_input`; expert e's rows end at ``offsets[e]``
+    ((E,) int32); rows past ``offsets[-1]`` are not computed and not read. Versus autograd over the
+    same products, the concatenated kernel is rebuilt in the backward instead of being kept (a
+    weight-sized copy less), and the first bias's gradient comes out of the first kernel's gradient
+    (the row of the ones column). Saves x, the pre-activation and the activation, as a dense MLP.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        w1: torch.Tensor,
+        b1: torch.Tensor,
+        w2: torch.Tensor,
+        b2: torch.Tensor,
+        offsets: torch.Tensor,
+        experts: torch.Tensor,
+        act: Activation,
+    ) -> torch.Tensor:  # -> (T, D)
+        gmm = _grouped_mm_op()
+        h = gmm(x, _with_bias_row(w1, b1), offs=offsets)  # (T, M)
+        a = activation(h, act)
+        out = gmm(a, w2, offs=offsets)
+        out += b2.index_select(0, experts)
+        ctx.act = act
+        ctx.save_for_backward(x, h, a, w1, b1, w2, offsets)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, h, a, w1, b1, w2, offsets = ctx.saved_tensors
+        gmm = _grouped_mm_op()
+        D = w1.shape[1]
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        g = g.contiguous()
+        gx = gw1 = gb1 = gw2 = gb2 = None
+        if need_b2:
+            gb2 = _segment_sums(g, offsets)
+        if need_w2:
+            gw2 = gmm(a.t(), g, offs=offsets)  # (E, M, D)
+        if need_x or need_w1 or need_b1:
+            gh = _ACT_BACKWARD[ctx.act](gmm(g, w2.transpose(1, 2), offs=offsets), h, a)  # (T, M)
+            if need_w1 or need_b1:
+                gw1a = gmm(x.t(), gh, offs=offsets)  # (E, D + 8, M): row D is the bias's gradient
+                gw1, gb1 = gw1a[:, :D], gw1a[:, D]
+            if need_x:
+                gx = gmm(gh, _with_bias_row(w1, b1).transpose(1, 2), offs=offsets)  # (T, D + 8)
+        return gx, gw1, gb1, gw2, gb2, None, None, None
+
+
 def _no_grad(*tensors: torch.Tensor) -> bool:
     """True when no gradient can flow back through ``tensors`` (inference)."""
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
@@ -140,8 +242,12 @@ class Experts(nn.Module):
       (:class:`~vmoe.moe.IndexDispatcher` ``packed=True``, skipping the empty capacity slots, ~7-13%
       of the rows at C=1.05) and runs :meth:`forward_rows` on them; needs the row counts on the host
       (one synchronisation). Given (E, R, D) buffers directly, it runs as ``"loop"``.
-    - ``"grouped_mm"``: ``torch._grouped_mm`` over the buffers (one kernel for all experts, CUDA
-      sm90 bf16 fast path; needs D and M multiples of 8), bias and activation in a separate pass.
+    - ``"grouped_mm"``: ``torch._grouped_mm`` (one kernel for all experts, CUDA sm90 bf16 fast
+      path; needs D and M multiples of 8). In :class:`~vmoe.moe.MoEMlp` it runs over front-packed
+      rows (a static :class:`~vmoe.moe.IndexDispatcher`: the filled rows first in a fixed
+      ``min(E*R, N*K)`` rows, device offsets): only filled rows are computed, with no host
+      synchronisation, dropless included (:meth:`forward_grouped_rows`). Given (E, R, D) buffers
+      directly (expert parallelism), it runs over all their rows.
     - ``"auto"`` (default): ``"packed"`` on the CPU outside ``torch.compile``, else ``"bmm"``
       (except when at most half of the buffer rows can be filled, e.g. dropless: ``"packed"``).
 
@@ -253,22 +359,56 @@ class Experts(nn.Module):
         self, x: torch.Tensor, rows: torch.Tensor | None, weights: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
         """``torch._grouped_mm`` over the (E*R, D) rows with offsets R, 2R, ... (static, on device)."""
-        grouped_mm = getattr(torch, "_grouped_mm", None)
-        if grouped_mm is None:
-            raise RuntimeError(
-                f"experts impl 'grouped_mm' needs torch >= 2.8 (torch._grouped_mm); this is {torch.__version__}"
-            )
+        grouped_mm = _grouped_mm_op()
         E, R, D = x.shape
         w1, b1, w2, b2 = weights
         M = w1.shape[2]
-        if D % 8 or M % 8:
-            raise ValueError(
-                f"experts impl 'grouped_mm' needs dim and hidden_dim multiples of 8, got {D} and {M}"
-            )
+        _check_grouped_mm_sizes(D, M)
         offs = torch.arange(1, E + 1, device=x.device, dtype=torch.int32) * R
         h = grouped_mm(x.reshape(E * R, D), w1, offs=offs).view(E, R, M) + b1.unsqueeze(1)
         h = dropout(activation(h, self.act), self.p, self.training, stream=self.stream, rows=rows)
         out = grouped_mm(h.reshape(E * R, M), w2, offs=offs).view(E, R, D) + b2.unsqueeze(1)
+        return dropout(out, self.p, self.training, stream=self.stream + 1, rows=rows)
+
+    def grouped_rows_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, D + 8): the tokens with a column of ones (the first bias rides in the matmul)
+        and 7 of zeros (rows stay 16-byte aligned); the input of :meth:`forward_grouped_rows`."""
+        n = x.shape[0]
+        return torch.cat([x, x.new_ones(n, 1), x.new_zeros(n, GROUPED_PAD - 1)], dim=1)
+
+    def forward_grouped_rows(
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        experts: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(T, D + 8) -> (T, D): ``torch._grouped_mm`` over front-packed rows, no host sync.
+
+        Expert e's rows are ``offsets[e-1]:offsets[e]`` (``offsets`` (E,) int32 on the device, a
+        static :class:`~vmoe.moe.IndexDispatcher`'s); rows from ``offsets[-1]`` on are not
+        computed and hold arbitrary values. ``x`` comes from :meth:`grouped_rows_input`, so the
+        first bias is one more row of the first kernel; the second is added by row (``experts``
+        (T,): each row's expert). ``rows``: (T,) global row ids for positional dropout.
+        """
+        grouped_mm = _grouped_mm_op()
+        E, D, M = self.w1.shape
+        if x.dim() != 2 or x.shape[1] != D + GROUPED_PAD or offsets.shape != (E,):
+            raise ValueError(
+                f"forward_grouped_rows expects (T, {D + GROUPED_PAD}) rows and ({E},) offsets, "
+                f"got {tuple(x.shape)} and {tuple(offsets.shape)}"
+            )
+        _check_grouped_mm_sizes(D, M)
+        dtype = compute_dtype(x)
+        w1, b1, w2, b2 = (t.to(dtype) for t in (self.w1, self.b1, self.w2, self.b2))
+        with torch.autocast(x.device.type, enabled=False):  # operands are already in dtype
+            x = x.to(dtype)
+            if not (self.training and self.p > 0):
+                return _GroupedRowsMlp.apply(x, w1, b1, w2, b2, offsets, experts, self.act)
+            # Dropout: plain autograd (which also keeps the concatenated first kernel for its backward).
+            h = grouped_mm(x, _with_bias_row(w1, b1), offs=offsets)  # (T, M)
+            h = dropout(activation(h, self.act), self.p, self.training, stream=self.stream, rows=rows)
+            out = grouped_mm(h, w2, offs=offsets) + _RowBias.apply(b2, experts, offsets)  # (T, D)
         return dropout(out, self.p, self.training, stream=self.stream + 1, rows=rows)
 
     def forward_rows(

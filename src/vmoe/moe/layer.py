@@ -10,7 +10,7 @@ from torch import nn
 from vmoe import rng
 from vmoe.config import MoEConfig
 from vmoe.layers import Activation, compute_dtype
-from vmoe.moe.dispatch import IndexDispatcher, make_dispatcher
+from vmoe.moe.dispatch import Dispatcher, IndexDispatcher, make_dispatcher
 from vmoe.moe.experts import Experts
 from vmoe.moe.router import RouterOutput, TopKRouter
 
@@ -60,7 +60,8 @@ class MoEMlp(nn.Module):
          capacity buffers (vanilla or BPR), auxiliary losses per group.
       3. Dispatch tokens into (E, R, D) capacity buffers (backend ``cfg.dispatch``), or, when
          the experts run packed (``cfg.experts_impl``; the CPU default), into (F, D) rows: only
-         the F filled slots, expert-major (same tokens, same slots).
+         the F filled slots, expert-major (same tokens, same slots); for ``grouped_mm``, into a
+         fixed ``min(E*R, N*K)`` rows with the filled ones first and device offsets (no sync).
       4. Experts: the expert MLPs over the buffers or rows (:class:`Experts`; optionally via an
          expert-parallel all-to-all, ``self.expert_comm``, which always moves full buffers).
       5. Combine: ``y[token] = sum over kept assignments of gate * expert_e(x[token])``; a token
@@ -124,14 +125,20 @@ class MoEMlp(nn.Module):
         # The filled rows alone (no empty capacity slots) when the experts want them and run here.
         buffer_rows = self.num_experts * sum(r.expert_index.shape[0] * r.capacity for r in routings)
         fill = sum(r.expert_index.numel() for r in routings) / buffer_rows  # assignments per buffer row
-        packed = (
-            self.expert_comm is None and self.cfg.dispatch == "index" and self.experts.wants_packed(x, fill)
-        )
-        dispatcher = (
-            IndexDispatcher(routings, packed=True) if packed else make_dispatcher(self.cfg.dispatch, routings)
-        )
+        here = self.expert_comm is None and self.cfg.dispatch == "index"
+        impl = self.experts.resolved_impl(x, fill)
+        grouped = here and impl == "grouped_mm"  # front-packed rows of a fixed count, device offsets
+        packed = here and impl == "packed"
+        dispatcher: Dispatcher
+        if grouped or packed:
+            dispatcher = IndexDispatcher(routings, packed=True, static=grouped)
+        else:
+            dispatcher = make_dispatcher(self.cfg.dispatch, routings)
         # Cast before the gather (N rows) rather than in the experts (k*C*N rows); same values.
-        buffers = dispatcher.dispatch(x_flat.to(compute_dtype(x_flat)))  # (E, R, D), or (F, D) packed
+        tokens = x_flat.to(compute_dtype(x_flat))
+        if grouped:
+            tokens = self.experts.grouped_rows_input(tokens)  # (N, D + 8): a ones column carries b1
+        buffers = dispatcher.dispatch(tokens)  # (E, R, D), or (rows, D) packed
         rows = None
         offset = rng.image_offset() if self.training and self.experts.p > 0 else None
         if offset is not None:
@@ -143,9 +150,12 @@ class MoEMlp(nn.Module):
                 expert = torch.arange(self.num_experts, device=x.device).view(-1, 1)
             gtok = tok + offset * T
             rows = torch.where(tok >= 0, gtok * self.num_experts + expert, torch.full_like(tok, -1))
-            if not packed:
+            if not (packed or grouped):
                 rows = rows.view(self.num_experts, -1)
-        if packed:
+        if grouped:
+            assert isinstance(dispatcher, IndexDispatcher) and dispatcher.offsets is not None
+            y = self.experts.forward_grouped_rows(buffers, dispatcher.offsets, dispatcher.row_experts(), rows)
+        elif packed:
             assert isinstance(dispatcher, IndexDispatcher) and dispatcher.counts is not None
             y = self.experts.forward_rows(buffers, dispatcher.counts, rows)
         elif self.expert_comm is not None:
