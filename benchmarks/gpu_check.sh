@@ -18,19 +18,30 @@
 #      implementation are checked against a float32 reference (outputs, every gradient and inference
 #      within 1e-2 relative, every kept token's row written), then every row is timed (CUDA events,
 #      warm-up, median of 20) with its peak memory: $OUT/moe_layer.{json,txt} (<= 150 s).
-# Worst case 5 + 45 + 140 + 150 s = 5 min 40 s (the Tutel build overlaps steps 2-3). Exit status: non-zero if any step fails.
+#   5. only in what is left of 350 s (<= 90 s): dropless routing at E=32, auto's packed rows (a host sync per layer) vs
+#      grouped_mm's front-packed ones (none): $OUT/moe_layer_dropless.{json,txt}.
+# Worst case 5 + 45 + 140 + 150 s = 5 min 40 s, step 5 fills up to 5 min 50 s (the Tutel build overlaps steps
+# 2-3). Exit status: non-zero if any of steps 1-4 fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 # Peer libraries (fairscale), when scripts/get_peers.sh put them there and the run carried .peers/.
 [ -d .peers ] && export PYTHONPATH="$PYTHONPATH:.peers"
 OUT="${OUT:-${1:-/tmp/vmoe_gpu_check}}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 DEVICE="${VMOE_CHECK_DEVICE:-cuda}"
 mkdir -p "$OUT"
 status=0
 tutel_pid=""
-if [ -f .peers/tutel-src/setup.py ]; then
+# Tutel's CUDA build needs nvcc; without it setup.py quietly falls back to a CPU build that fails on the GPU.
+have_nvcc=1
+if [ "$DEVICE" = cuda ] && ! command -v nvcc >/dev/null && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+    have_nvcc=0
+fi
+export VMOE_NO_TUTEL=1  # until a build for this machine is proven below (.peers/ may hold another machine's)
+if [ -f .peers/tutel-src/setup.py ] && [ "$have_nvcc" = 0 ]; then
+    echo "== Tutel not built: no nvcc on PATH or in \$CUDA_HOME (it is left out of the race)"
+elif [ -f .peers/tutel-src/setup.py ]; then
     TUTEL_DIR="$(mktemp -d)"
     echo "== building Tutel from .peers/tutel-src in the background (log: $OUT/tutel_build.log)"
     no_cuda=1; [ "$DEVICE" = cuda ] && no_cuda=0
@@ -41,9 +52,11 @@ fi
 if [ "$DEVICE" = cuda ]; then
     LAYER_ARGS=(--device cuda)
     TRAIN_ARGS=(--device cuda --impls loop,packed,grouped_mm)
+    DROPLESS_ARGS=(--device cuda --num-experts 32 --impls grouped_mm --repeats 10)
 else  # the script's own dry run: tiny shapes on the CPU
     LAYER_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls loop,grouped_mm)
     TRAIN_ARGS=(--device cpu --small --repeats 2 --warmup 1 --impls loop)
+    DROPLESS_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls grouped_mm)
 fi
 
 VMOE_CHECK_DEVICE="$DEVICE" "$PY" - <<'PYEOF' || exit 1
@@ -68,16 +81,34 @@ echo "== benchmarks/train_throughput.py ${TRAIN_ARGS[*]}"
 timeout 140 "$PY" benchmarks/train_throughput.py "${TRAIN_ARGS[@]}" --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 if [ -n "$tutel_pid" ]; then
-    if wait "$tutel_pid"; then
+    # The build must import, and on the GPU be a CUDA build (its kernel module then has inject_source).
+    probe='import tutel_custom_kernel as k; from tutel import moe; import os, sys; '
+    probe+='sys.exit(os.environ["VMOE_CHECK_DEVICE"] == "cuda" and not hasattr(k, "inject_source"))'
+    if wait "$tutel_pid" && PYTHONPATH="$TUTEL_DIR/site:$PYTHONPATH" VMOE_CHECK_DEVICE="$DEVICE" \
+        "$PY" -c "$probe" >>"$OUT/tutel_build.log" 2>&1; then
         echo "== Tutel built: raced below"
         LAYER_PYTHONPATH="$TUTEL_DIR/site:$PYTHONPATH"  # ahead of .peers/ (whose build is for another machine)
+        unset VMOE_NO_TUTEL
     else
-        echo "== Tutel build failed (tail of $OUT/tutel_build.log below): raced without it"
+        echo "== Tutel build failed, or is no CUDA build (tail of $OUT/tutel_build.log below): raced without it"
         tail -5 "$OUT/tutel_build.log"
     fi
 fi
 echo "== benchmarks/moe_layer.py ${LAYER_ARGS[*]}"
 PYTHONPATH="${LAYER_PYTHONPATH:-$PYTHONPATH}" timeout 150 "$PY" benchmarks/moe_layer.py "${LAYER_ARGS[@]}" --json "$OUT/moe_layer.json" 2>&1 | tee "$OUT/moe_layer.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# 5. Dropless routing (E=32), only in the time left of the 6 minutes: auto's packed rows (one host sync per
+#    layer) against grouped_mm's front-packed rows (no sync); checked against the float32 packed rows.
+left=$((350 - SECONDS))
+[ "$left" -gt 90 ] && left=90
+if [ "$left" -ge 25 ]; then
+    echo "== benchmarks/moe_layer.py dropless, E=32 (${left} s left)"
+    PYTHONPATH="${LAYER_PYTHONPATH:-$PYTHONPATH}" timeout "$left" "$PY" benchmarks/moe_layer.py "${DROPLESS_ARGS[@]}" \
+        --capacity-factor none --only floor,vmoe,vmoe_grouped_mm,vmoe_fwd,vmoe_grouped_mm_fwd --no-peers \
+        --json "$OUT/moe_layer_dropless.json" 2>&1 | tee "$OUT/moe_layer_dropless.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || echo "== (dropless run incomplete: informative only, status unchanged)"
+else
+    echo "== dropless run skipped: ${left} s left of the 6 minutes"
+fi
 echo "== done (status $status); results in $OUT"
 exit $status

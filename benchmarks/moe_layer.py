@@ -59,7 +59,7 @@ class Shapes:
     hidden: int
     num_experts: int
     k: int = 2
-    capacity_factor: float = 1.05
+    capacity_factor: float | None = 1.05  # None: dropless
     group_size: int = 8
 
     @property
@@ -68,8 +68,8 @@ class Shapes:
 
     @property
     def floor_rows(self) -> int:
-        """k * C * N, the rows of expert work at the nominal capacity factor (PERF.md)."""
-        return round(self.k * self.capacity_factor * self.num_tokens)
+        """k * C * N, the rows of expert work at the nominal capacity factor (PERF.md); k * N dropless."""
+        return round(self.k * (self.capacity_factor or 1.0) * self.num_tokens)
 
 
 def make_layer(s: Shapes, *, dispatch: str = "index", bpr: bool = False, impl: str = "auto") -> MoEMlp:
@@ -170,6 +170,8 @@ def _peer_fairscale(s: Shapes, device: torch.device) -> Callable[[torch.Tensor],
 
 
 def _peer_tutel(s: Shapes, device: torch.device, bpr: bool) -> Callable[[torch.Tensor], Any] | None:
+    if os.environ.get("VMOE_NO_TUTEL"):  # gpu_check.sh: no Tutel build for this machine
+        return None
     try:
         from tutel import moe as tutel_moe
     except ModuleNotFoundError as exc:
@@ -231,7 +233,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_correctness(
     s: Shapes, device: torch.device, *, amp: bool, tol: float = 1e-2, seed: int = 0, impl: str = "auto"
 ) -> dict[str, float]:
-    """Check the fast path (index dispatch, ``amp``: bf16 autocast) against a float32 einsum reference.
+    """Check the fast path (index dispatch, ``amp``: bf16 autocast) against a float32 einsum reference
+    (dropless: the float32 packed rows).
 
     Same weights, same input, eval-mode routing (no noise, so both route identically up to the
     router's float32 logits, computed outside autocast). Raises ``AssertionError`` on a relative
@@ -240,7 +243,9 @@ def check_correctness(
     """
     torch.manual_seed(seed)
     fast = make_layer(s, dispatch="index", impl=impl).to(device).eval()
-    ref = make_layer(s, dispatch="einsum").to(device).eval()
+    # Dropless: the einsum reference would build (G, S, E, S) tensors; the packed rows are exact too.
+    ref_kw: dict[str, str] = {"dispatch": "einsum"} if s.capacity_factor is not None else {"impl": "packed"}
+    ref = make_layer(s, **ref_kw).to(device).eval()
     ref.load_state_dict(fast.state_dict())
     ref.record_routing = True
     x = torch.randn(s.batch, s.tokens, s.dim, device=device)
@@ -371,7 +376,9 @@ def build_variants(
     for name, lay in layers.items():
         variants[f"{name}_fwd"] = fwd_step(lay, moe_call(lay), x)
     variants["loop_fwd"] = fwd_step(loop_layer, lambda t: loop_forward(loop_layer, t), x)
-    if peers:
+    if peers and s.capacity_factor is None:
+        print("peers left out: dropless routing (their gates have a capacity)", file=sys.stderr)
+    elif peers:
         fs = _peer_fairscale(s, device)
         if fs is not None:
             # fairscale's MOELayer takes (tokens, D); fp32 weights under autocast, as it requires.
@@ -433,31 +440,45 @@ def bench(
     if only:
         variants = {n: f for n, f in variants.items() if n in only or n in ("floor", "floor_fwd")}
     timer = Timer(device)
-    for name, fn in list(variants.items()):  # a row that cannot run (e.g. out of memory) is left out
-        try:
-            _written(fn())
-        except Exception as exc:
-            if name in ("floor", "floor_fwd", "vmoe", "vmoe_fwd"):
-                raise
-            print(f"E={s.num_experts} {name}: left out of the timing: {exc!r}", file=sys.stderr, flush=True)
-            del variants[name]
-            if device.type == "cuda":
+    dropped: list[str] = []
+
+    def drop(name: str, exc: Exception) -> None:
+        # A row that cannot run (e.g. out of memory) is left out; the floors and our default must run.
+        if name in ("floor", "floor_fwd", "vmoe", "vmoe_fwd"):
+            raise exc
+        print(f"E={s.num_experts} {name}: left out of the timing: {exc!r}", file=sys.stderr, flush=True)
+        del variants[name]
+        dropped.append(name)
+
+    def each(call: Callable[[str, Callable[[], Any]], None]) -> None:
+        for name, fn in list(variants.items()):
+            try:
+                call(name, fn)
+            except Exception as exc:
+                drop(name, exc)
+            if dropped and device.type == "cuda":  # after the except: its traceback no longer holds tensors
+                dropped.clear()
                 torch.cuda.empty_cache()
-    for _ in range(warmup - 1):
-        for fn in variants.values():
-            _written(fn())
-    saved = {name: saved_bytes(fn) for name, fn in variants.items() if not name.endswith("_fwd")}
+
+    for _ in range(max(warmup, 1)):
+        each(lambda name, fn: _written(fn()))
+    saved: dict[str, int] = {}
+    each(lambda name, fn: saved.__setitem__(name, saved_bytes(fn)) if not name.endswith("_fwd") else None)
     times: dict[str, list[float]] = {n: [] for n in variants}
     peak: dict[str, int] = {}
     for r in range(repeats):
-        for name, fn in variants.items():  # interleaved: noise hits every row alike
-            if device.type == "cuda" and r == 0:
+
+        def timed(name: str, fn: Callable[[], Any], first: bool = r == 0) -> None:
+            if device.type == "cuda" and first:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
             times[name].append(timer(fn))
-            if device.type == "cuda" and r == 0:
+            if device.type == "cuda" and first:
                 peak[name] = torch.cuda.max_memory_allocated() - base
+
+        each(timed)  # interleaved: noise hits every row alike
+    times = {n: ts for n, ts in times.items() if n in variants}
     rows = []
     for name, ts in times.items():
         floor = "floor_fwd" if name.endswith("_fwd") else "floor"
@@ -508,6 +529,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="B,T,D,M",
         help="other layer shapes: images, tokens per image, model dim, expert hidden dim (e.g. 64,65,384,1536)",
     )
+    p.add_argument(
+        "--capacity-factor",
+        default="1.05",
+        help="C of every MoE row and of the floor's k*C*N rows; 'none': dropless (floor k*N rows, no peers)",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
     p.add_argument("--no-peers", action="store_true", help="leave out fairscale/tutel even if importable")
     p.add_argument("--only", default=None, help="comma-separated rows to time (floors are always kept)")
@@ -550,13 +576,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 raise ValueError
         except ValueError:
             p.error(f"--shape expects four positive integers B,T,D,M, got {a.shape!r}")
-        base = dict(batch=b, tokens=t, dim=d, hidden=m)
+        base: dict[str, Any] = dict(batch=b, tokens=t, dim=d, hidden=m)
     elif a.small:
         base = dict(batch=12, tokens=17, dim=32, hidden=64, group_size=8)  # 12 = a full group + a partial one
     elif cuda:
         base = dict(batch=256, tokens=197, dim=768, hidden=3072)  # V-MoE-B/16
     else:
         base = dict(batch=64, tokens=65, dim=192, hidden=768)  # V-MoE-Ti layer
+    try:
+        capacity = None if a.capacity_factor.lower() in ("none", "dropless") else float(a.capacity_factor)
+        if capacity is not None and not capacity > 0:
+            raise ValueError
+    except ValueError:
+        p.error(f"--capacity-factor expects a number > 0 or 'none', got {a.capacity_factor!r}")
+    base["capacity_factor"] = capacity
     experts = a.num_experts or ([8, 32] if cuda else [8])
     repeats = a.repeats or (3 if a.small else 20 if cuda else 10)
     warmup = a.warmup if a.warmup is not None else (1 if a.small else 5 if cuda else 2)
@@ -564,7 +597,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config: dict[str, Any] = {
         **base,
         "k": 2,
-        "capacity_factor": 1.05,
         "num_experts": experts,
         "dtype": "bf16 autocast" if amp else "fp32",
         "torch": torch.__version__,
@@ -573,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warmup": warmup,
         "timing": "cuda events" if cuda else "perf_counter",
         "fwd_rows": "eval mode, inference_mode",
-        "floor": "dense MLP (Linear, tanh-GELU, Linear) over round(k*C*N) rows",
+        "floor": "dense MLP (Linear, tanh-GELU, Linear) over round(k*C*N) rows (k*N dropless)",
         "ratio": "median over rounds of row_ms / floor_ms in the same round (rows interleaved)",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "heap_alloc": a.heap_alloc,
@@ -586,21 +618,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     checks: dict[str, Any] = {}
     failed: set[str] = set()
+    check_failed = False
     for E in experts:
         s = Shapes(num_experts=E, **base)
         config[f"buffer_rows_E{E}"] = buffer_rows(make_layer(s), s)
         config["floor_rows"] = s.floor_rows
         if not a.no_check:
             # On CUDA at the timed shapes; on CPU at small shapes (same code path as far as CPU allows).
-            cs = s if (cuda or a.small) else Shapes(num_experts=E, batch=12, tokens=17, dim=32, hidden=64)
+            cs = (
+                s
+                if (cuda or a.small)
+                else Shapes(num_experts=E, batch=12, tokens=17, dim=32, hidden=64, capacity_factor=capacity)
+            )
             for impl in ("auto", *impls):
                 key = f"E{E}" if impl == "auto" else f"E{E}_{impl}"
                 try:
                     errs = check_correctness(cs, device, amp=amp, impl=impl)
                 except Exception as exc:  # an extra implementation that fails is reported and not timed
-                    if impl == "auto":
-                        raise
                     checks[key] = {"failed": repr(exc)[:500], "shapes": cs.__dict__}
+                    if impl == "auto":  # still timed (the table says it failed), exit status 1
+                        check_failed = True
+                        print(f"E={E} auto: CHECK FAILED: {exc!r}", file=sys.stderr, flush=True)
+                        continue
                     failed.add(impl)
                     print(
                         f"E={E} {impl}: FAILED, left out of the timing: {exc!r}", file=sys.stderr, flush=True
@@ -622,15 +661,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             only=set(a.only.split(",")) if a.only else None,
             impls=tuple(i for i in impls if i not in failed),
         )
-    config["checks"] = checks
-    if hasattr(os, "getloadavg"):
-        config["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    result = {"device": str(device), "config": config, "results": rows}
-    print_table(rows)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+        config["checks"] = checks
+        if hasattr(os, "getloadavg"):
+            config["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+        result = {"device": str(device), "config": config, "results": rows}
+        if a.json:  # after every E: a run cut short keeps what it measured
+            with open(f"{a.json}.tmp", "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(f"{a.json}.tmp", a.json)
+        print_table([r for r in rows if r["num_experts"] == E])
+    _close_peers()
+    if check_failed:
+        raise SystemExit("the fast path failed its correctness check (see above and checks in the JSON)")
     return result
+
+
+def _close_peers() -> None:
+    """Tear down the one-process group made for fairscale, so that the interpreter exits cleanly."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:
+        pass
 
 
 if __name__ == "__main__":

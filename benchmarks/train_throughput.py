@@ -127,11 +127,25 @@ def main(argv: list[str] | None = None) -> int:
         timm_name, timm_kw = "vit_tiny_patch16_224", {"patch_size": 4}
 
     impls = [i for i in args.impls.split(",") if i]
-    ours = ours + [
+    extra = [
         (name, {**kw, "experts_impl": impl}) for impl in impls for name, kw in ours if "num_experts" in kw
     ]
-    rows = []
-    for name, kw in ours:
+    cfg = {
+        "image_size": image,
+        "batch_size": batch,
+        "num_classes": classes,
+        "device": str(device),
+        "dtype": "bf16 autocast" if cuda else "fp32",
+        "torch": torch.__version__,
+        "compile": args.compile,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "impls": impls,
+    }
+    rows: list[dict[str, Any]] = []
+
+    def run(name: str, kw: dict[str, Any]) -> None:
         torch.manual_seed(0)
         label = name if "num_experts" not in kw else f"{name}_e{kw['num_experts']}"
         label += f"[{kw['experts_impl']}]" if "experts_impl" in kw else ""
@@ -148,43 +162,24 @@ def main(argv: list[str] | None = None) -> int:
         model = None
         if cuda:
             torch.cuda.empty_cache()
-    if not args.small:
+        _report(rows, cfg, args.json)  # after every row: a run cut short keeps what it measured
+
+    for name, kw in ours:
+        run(name, kw)
+    if not args.small:  # the reference right after our default rows, before the extra implementations
         tm = _timm_model(timm_name, image, classes, **timm_kw)
         if tm is not None:  # same architecture as our dense row, so the same FLOPs
             ref = next(r for r in rows if r["name"].startswith("vit_"))
+            gflops = ref["gflops_per_image"] * 1e9
             rows.append(
-                _bench(
-                    f"timm_{timm_name}",
-                    tm.to(device),
-                    ref["gflops_per_image"] * 1e9,
-                    device,
-                    batch,
-                    image,
-                    classes,
-                    amp,
-                    args,
-                )
+                _bench(f"timm_{timm_name}", tm.to(device), gflops, device, batch, image, classes, amp, args)
             )
-    dense = next(r for r in rows if r["name"].startswith("vit_"))
-    dense_ref = next((r for r in rows if r["name"].startswith("timm_")), dense)
-    for r in rows:
-        flop_ratio = dense_ref["gflops_per_image"] / r["gflops_per_image"]
-        r["target_images_per_s"] = dense_ref["images_per_s"] * flop_ratio
-        r["efficiency_vs_dense"] = r["images_per_s"] / r["target_images_per_s"]
-    cfg = {
-        "image_size": image,
-        "batch_size": batch,
-        "num_classes": classes,
-        "device": str(device),
-        "dtype": "bf16 autocast" if cuda else "fp32",
-        "torch": torch.__version__,
-        "compile": args.compile,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "gpu": torch.cuda.get_device_name(device) if cuda else None,
-        "reference": dense_ref["name"],
-        "impls": impls,
-    }
+            tm = None
+            if cuda:
+                torch.cuda.empty_cache()
+            _report(rows, cfg, args.json)
+    for name, kw in extra:
+        run(name, kw)
     print(f"train throughput, {cfg['dtype']}, batch {batch}, {image}px, torch {torch.__version__}, {device}")
     print(f"{'name':32s} {'img/s':>10s} {'GFLOP/img':>10s} {'eff. vs dense':>14s} {'peak MiB':>10s}")
     for r in rows:
@@ -192,12 +187,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['name']:32s} {r['images_per_s']:10.1f} {r['gflops_per_image']:10.3f} "
             f"{r['efficiency_vs_dense']:14.3f} {r.get('peak_mib') or 0:10.0f}"
         )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps({"device": str(device), "config": cfg, "results": rows}, indent=1)
-        )
     return 0
+
+
+def _report(rows: list[dict[str, Any]], cfg: dict[str, Any], path: str | None) -> None:
+    """Efficiency of every row against the dense reference (timm's when measured), and the JSON file."""
+    dense = next((r for r in rows if r["name"].startswith("vit_")), None)
+    if dense is None:
+        return
+    dense_ref = next((r for r in rows if r["name"].startswith("timm_")), dense)
+    for r in rows:
+        flop_ratio = dense_ref["gflops_per_image"] / r["gflops_per_image"]
+        r["target_images_per_s"] = dense_ref["images_per_s"] * flop_ratio
+        r["efficiency_vs_dense"] = r["images_per_s"] / r["target_images_per_s"]
+    cfg["reference"] = dense_ref["name"]
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps({"device": cfg["device"], "config": cfg, "results": rows}, indent=1))
+        tmp.replace(path)
 
 
 def _bench(

@@ -37,3 +37,12 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert "vmoe_ti_e8[loop]" in names and "vit_ti" in names
     assert all(r["images_per_s"] > 0 for r in train["results"])
     assert (tmp_path / "moe_layer.txt").read_text().count("correctness ok") == 3
+    # Step 5, dropless routing, when the earlier steps left it the time (they do here): checked, then timed.
+    if "dropless run skipped" not in proc.stdout:
+        dropless = json.loads((tmp_path / "moe_layer_dropless.json").read_text())
+        assert dropless["config"]["capacity_factor"] is None
+        assert set(dropless["config"]["checks"]) == {"E8", "E8_grouped_mm"}
+        assert all(c["max_rel_err"] <= 1e-2 for c in dropless["config"]["checks"].values())
+        assert {"floor", "vmoe", "vmoe_grouped_mm", "vmoe_grouped_mm_fwd"} <= {
+            r["name"] for r in dropless["results"]
+        }
