@@ -133,6 +133,64 @@ def test_interrupt_during_final_evaluation_keeps_the_run(tmp_path):
     assert [r["step"] for r in recs if "accuracy" in r] == [3]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_the_final_save_waits_for_it(tmp_path, monkeypatch, signum):
+    # The final checkpoint and evaluation run under the same signal handling as the loop: a signal that
+    # arrives while the last checkpoint is written lets it (and the evaluation) finish; nothing is lost.
+    cfg = tiny_cfg("steps=3", "log_every=10")  # no logging step: the loop's own stop check finds nothing
+    t = Trainer(cfg, tmp_path / "run", progress=False)
+    save = t.save
+
+    def save_then_signal():
+        if t.step == t.total_steps:
+            os.kill(os.getpid(), signum)  # delivered at once, in the middle of the final save
+        return save()
+
+    monkeypatch.setattr(t, "save", save_then_signal)
+    res = t.fit()
+    assert res.step == 3 and res.accuracy is not None
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000003"
+    assert not list((tmp_path / "run" / "checkpoints").glob(".step_*"))
+
+
+def test_a_save_removes_partial_checkpoints_of_a_killed_process(tmp_path):
+    from vmoe.train.checkpoint import save_checkpoint
+
+    stale = tmp_path / "checkpoints" / ".step_00000002.abcd1234"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"partial")
+    save_checkpoint(tmp_path, 3, {"w": torch.zeros(2)}, model_config={})
+    assert not stale.exists() and (tmp_path / "checkpoints" / "step_00000003" / "COMPLETE").exists()
+
+
+def test_resuming_a_finished_run_reports_its_loss_and_one_final_record(tmp_path):
+    cfg = tiny_cfg("steps=3")
+    first = train(cfg, tmp_path / "run", progress=False)
+    again = train(cfg, tmp_path / "run", resume=True, progress=False)  # nothing left to train
+    assert again.step == 3 and again.final_loss == first.final_loss and not math.isnan(again.final_loss)
+    assert again.accuracy == first.accuracy
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "accuracy" in r] == [3]
+
+
+def test_batch_priority_training_is_saved_in_the_model_config(tmp_path):
+    # BPR in training is part of the model the checkpoint describes: vmoe.load routes as trained, so
+    # evaluating the checkpoint gives the run's own final accuracy.
+    from vmoe.data import load_dataset
+    from vmoe.eval.evaluate import evaluate
+
+    cfg = tiny_cfg("steps=3", "batch_priority=true", "model.capacity_factor=0.5", "model.num_selected=1")
+    res = train(cfg, tmp_path / "run", progress=False)
+    model = vmoe.load(tmp_path / "run")
+    assert all(layer.cfg.router.batch_priority for _, layer in model.moe_layers())
+    saved = json.loads((res.checkpoint / "model_config.json").read_text())
+    assert saved["moe"]["router"]["batch_priority"] is True
+    _, test, info = load_dataset(
+        cfg.data, image_size=cfg.image_size, max_train=cfg.max_train, max_test=cfg.max_test, progress=False
+    )
+    ev = evaluate(model, test, info, batch_size=cfg.eval_batch_size)
+    assert ev["accuracy"] == pytest.approx(res.accuracy, abs=1e-9)
+
+
 def test_fresh_start_does_not_keep_records_of_an_attempt_without_checkpoint(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

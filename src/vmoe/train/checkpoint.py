@@ -69,7 +69,8 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` under ``run_dir/checkpoints`` atomically and return its path.
 
-    Older checkpoints beyond the newest ``keep`` are removed afterwards.
+    Older checkpoints beyond the newest ``keep`` are removed afterwards, and so are the partial
+    ``.step_*`` folders a process killed mid-save left behind.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -95,6 +96,8 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for stale in root.glob(".step_*"):  # partial writes of a process killed mid-save (SIGKILL, power)
+        shutil.rmtree(stale, ignore_errors=True)
     if keep is not None:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

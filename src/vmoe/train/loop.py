@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmoe import rng
+from vmoe.models.registry import get_config
 from vmoe.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -176,21 +177,31 @@ class MetricsWriter:
             self.tb.close()
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records logged after ``last_step`` (a crash after the last checkpoint) atomically."""
+def _truncate_metrics(path: Path, last_step: int, *, final: bool = False) -> float:
+    """Drop records logged after ``last_step`` (a crash after the last checkpoint) atomically.
+
+    ``final``: ``last_step`` is the run's last step, whose evaluation runs again on resume; its
+    record is dropped too (no duplicate). Returns the last logged training loss kept (NaN if none).
+    """
     if not path.exists():
-        return
+        return float("nan")
     keep = []
+    loss = float("nan")
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line
-        if int(rec.get("step", 0)) <= last_step:
-            keep.append(line)
+        step = int(rec.get("step", 0))
+        if step > last_step or (final and step == last_step and "accuracy" in rec):
+            continue
+        keep.append(line)
+        if "loss" in rec:
+            loss = float(rec["loss"])
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(k + "\n" for k in keep))
     os.replace(tmp, path)
+    return loss
 
 
 class Trainer:
@@ -276,14 +287,16 @@ class Trainer:
                     f"the model takes it from the data{hint}"
                 )
         overrides.update(from_data)
+        if cfg.batch_priority and get_config(cfg.model, **overrides).moe is not None:
+            # In the model's own config, so that checkpoints (vmoe eval, vmoe.load) route as trained.
+            overrides["batch_priority"] = True
         torch.manual_seed(cfg.seed)
         self.model = vmoe.create_model(cfg.model, **overrides)
-        if cfg.batch_priority and self.model.moe_layers():
-            vmoe.set_routing(self.model, batch_priority=True)
         self.model.to(self.device)
         self.model_config = self.model.cfg.to_dict()
         self.step = 0
         self.checkpoint_path: Path | None = None
+        self.resumed_loss = float("nan")  # the last training loss logged before a resume
 
         ckpt = latest_checkpoint(self.out) if self.out.exists() else None
         state = None
@@ -338,7 +351,8 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if state is not None:
-                _truncate_metrics(self.out / "metrics.jsonl", self.step)
+                final = self.step >= self.total_steps
+                self.resumed_loss = _truncate_metrics(self.out / "metrics.jsonl", self.step, final=final)
             else:  # a fresh start: no records of an earlier attempt that left no checkpoint
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
             (self.out / "config.json").write_text(
@@ -509,7 +523,7 @@ class Trainer:
             disable=not (self.progress and self.is_main),
             desc=f"train {cfg.model}",
         )
-        last_loss = float("nan")
+        last_loss = self.resumed_loss
         accuracy = None
         t_log, images_since = time.perf_counter(), 0
         try:
@@ -561,20 +575,21 @@ class Trainer:
                             raise TrainingInterrupted(flag.signum or signal.SIGTERM, self.step, path)
                         if self.step >= self.total_steps:
                             break
-            # Save before the final evaluation: an interrupt during it loses nothing (--resume then
-            # only evaluates).
-            if self.checkpoint_path is None or self.checkpoint_path.name != f"step_{self.step:08d}":
-                self.save()
-            ev = self.evaluate()
-            accuracy = ev["accuracy"]
-            writer.write(
-                {
-                    "step": self.step,
-                    "accuracy": ev["accuracy"],
-                    "eval_loss": ev["loss"],
-                    "gflops_per_image": ev.get("gflops_per_image"),
-                }
-            )
+                # Still under the signal flag: a SIGTERM/first Ctrl-C now waits for the checkpoint and
+                # the final evaluation (a second Ctrl-C stops at once). The save comes first, so an
+                # interrupt during the evaluation loses nothing (--resume then only evaluates).
+                if self.checkpoint_path is None or self.checkpoint_path.name != f"step_{self.step:08d}":
+                    self.save()
+                ev = self.evaluate()
+                accuracy = ev["accuracy"]
+                writer.write(
+                    {
+                        "step": self.step,
+                        "accuracy": ev["accuracy"],
+                        "eval_loss": ev["loss"],
+                        "gflops_per_image": ev.get("gflops_per_image"),
+                    }
+                )
         finally:
             bar.close()
             writer.close()
