@@ -140,6 +140,93 @@ def test_keras_npz_rgb_with_column_labels(tmp_path):
     assert test.labels.tolist() == [0, 1]
 
 
+@pytest.mark.parametrize("chans", [1, 3])
+def test_keras_npz_channels_first_is_transposed(tmp_path, chans):
+    p = tmp_path / "nchw.npz"
+    x_tr, y_tr, x_te, _ = _keras_npz(p, (6, chans, 16, 16), (4, chans, 16, 16))
+    train, test, info = load_dataset(p)
+    assert train.images.shape == (6, 16, 16, chans) and test.images.shape == (4, 16, 16, chans)
+    assert np.array_equal(train.images, x_tr.transpose(0, 2, 3, 1))
+    assert np.array_equal(test.images, x_te.transpose(0, 2, 3, 1))
+    assert info.channels == chans and info.image_size == 16 and np.array_equal(train.labels, y_tr)
+    # non-square channel-first images are read as HxW too (image_size= then squares them)
+    q = tmp_path / "nchw_rect.npz"
+    x_tr, _, _, _ = _keras_npz(q, (4, 3, 10, 12), (2, 3, 10, 12))
+    train, _, info = load_dataset(q, image_size=8)
+    assert train.images.shape == (4, 8, 8, 3) and info.channels == 3
+    with pytest.raises(ValueError, match=r"10x12 with 3 channel"):
+        load_dataset(q)
+
+
+def test_keras_npz_ambiguous_layout_is_an_error(tmp_path):
+    # both axis 1 and axis 3 could be channels, neither reading square: no guess
+    p = tmp_path / "amb.npz"
+    _keras_npz(p, (4, 3, 5, 4), (2, 3, 5, 4))
+    with pytest.raises(
+        ValueError, match=re.escape(str(p)) + r".*\(4, 3, 5, 4\).*accepted layouts.*data_format"
+    ) as e:
+        load_dataset(p)
+    assert "image_size" not in str(e.value)
+    # neither axis is a channel count
+    q = tmp_path / "none.npz"
+    _keras_npz(q, (4, 16, 16, 16), (2, 16, 16, 16))
+    with pytest.raises(ValueError, match=r"\(4, 16, 16, 16\).*accepted layouts") as e:
+        load_dataset(q, image_size=16)
+    assert "image_size" not in str(e.value)
+    # a data_format entry settles it
+    _keras_npz(p, (4, 3, 5, 4), (2, 3, 5, 4), data_format="channels_first")
+    train, _, info = load_dataset(p, image_size=5)
+    assert info.channels == 3 and train.images.shape == (4, 5, 5, 3)
+    _keras_npz(p, (4, 3, 5, 4), (2, 3, 5, 4), data_format="sideways")
+    with pytest.raises(ValueError, match=r"data_format.*sideways"):
+        load_dataset(p)
+
+
+def test_keras_npz_labels_must_be_integral_and_in_range(tmp_path):
+    p = tmp_path / "lab.npz"
+    x = np.zeros((4, 4, 4, 3), np.uint8)
+    np.savez(p, x_train=x, y_train=np.array([0.0, 1.0, 2.0, 1.0]), x_test=x[:2], y_test=np.array([1.0, 0.0]))
+    train, _, info = load_dataset(p)  # integral floats are fine
+    assert train.labels.tolist() == [0, 1, 2, 1] and train.labels.dtype == np.int64 and info.num_classes == 3
+    np.savez(p, x_train=x, y_train=np.array([0.0, 1.5, 2.0, 1.0]), x_test=x[:2], y_test=np.array([1, 0]))
+    with pytest.raises(ValueError, match=re.escape(str(p)) + r".*'y_train'.*integers.*1\.5"):
+        load_dataset(p)
+    np.savez(p, x_train=x, y_train=np.array([0, 1, 2, 1]), x_test=x[:2], y_test=np.array([np.nan, 0]))
+    with pytest.raises(ValueError, match=r"'y_test'.*integers.*nan"):
+        load_dataset(p)
+    np.savez(p, x_train=x, y_train=np.array([0, -1, 2, 1]), x_test=x[:2], y_test=np.array([1, 0]))
+    with pytest.raises(ValueError, match=r"'y_train'.*>= 0.*-1"):
+        load_dataset(p)
+    np.savez(
+        p,
+        x_train=x,
+        y_train=np.array([0, 1, 2, 1]),
+        x_test=x[:2],
+        y_test=np.array([3, 0]),
+        classes=np.array(["a", "b", "c"]),
+    )
+    with pytest.raises(ValueError, match=r"'y_test'.*label 3.*3 classes"):
+        load_dataset(p)
+    with pytest.raises(ValueError, match=r"labels.*integers.*0\.5"):
+        ImageDataset(x[:2], np.array([0.0, 0.5]), ["a", "b"])
+
+
+def test_jpeg_npz_and_cifar_labels_checked(tmp_path):
+    p = tmp_path / "tiny_jpeg.npz"
+    arrays = _jpeg_bytes_npz(p, 3, 2)
+    arrays["y_train"] = np.array([0.0, 1.25, 1.0])
+    np.savez(p, **arrays)
+    with pytest.raises(ValueError, match=re.escape(str(p)) + r".*'y_train'.*1\.25"):
+        load_dataset(p)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    _cifar_batch(root / "data_batch_1", 3, b"labels", 10, 0)
+    with open(root / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1.5, 2.0]}, f)
+    with pytest.raises(ValueError, match=re.escape(str(root / "test_batch")) + r".*1\.5"):
+        load_dataset(root)
+
+
 def _cifar_batch(path: Path, n: int, label_key: bytes, n_cls: int, seed: int):
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
@@ -348,6 +435,45 @@ def test_error_empty_folder(tmp_path):
     (root / "class_a").mkdir(parents=True)
     with pytest.raises(ValueError, match=re.escape(str(root)) + ".*no images"):
         load_dataset(str(root))
+
+
+def test_error_empty_test_split_image_folder(tmp_path):
+    root = tmp_path / "few"
+    for c, name in enumerate(["a", "b"]):
+        _write_images(root / name, 2, (4, 4), "L", ".png", c)
+    with pytest.raises(
+        ValueError, match=re.escape(str(root)) + r".*test split is empty.*4 images.*a: 2.*train/<class>"
+    ):
+        load_dataset(root)  # 2 per class: round(2 * 0.2) = 0 test images
+    train, test, _ = load_dataset(root, test_fraction=0.5)
+    assert len(train) == 2 and len(test) == 2
+    with pytest.raises(ValueError, match=r"train split is empty"):
+        load_dataset(root, test_fraction=0.9)
+
+
+def test_error_empty_split_npz_and_digits(tmp_path):
+    p = tmp_path / "notest.npz"
+    x = np.zeros((4, 4, 4, 3), np.uint8)
+    np.savez(p, x_train=x, y_train=np.arange(4) % 2, x_test=x[:0], y_test=np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match=re.escape(str(p)) + r".*test split is empty.*4 train, 0 test"):
+        load_dataset(p)
+    with pytest.raises(ValueError, match=r"digits.*test split is empty.*test_fraction"):
+        load_dataset("digits", test_fraction=0.0)
+
+
+@pytest.mark.parametrize("spec", ["synthetic", "digits"])
+@pytest.mark.parametrize("key", ["max_train", "max_test"])
+@pytest.mark.parametrize("value", [0, -3])
+def test_error_max_train_test_not_positive(spec, key, value):
+    with pytest.raises(ValueError, match=rf"{key} must be a positive.*got {value}"):
+        load_dataset(spec, **{key: value})
+
+
+def test_synthetic_max_counts():
+    train, test, info = load_dataset("synthetic", max_train=7, max_test=3, image_size=4)
+    assert len(train) == 7 and len(test) == 3 and info.num_train == 7
+    with pytest.raises(ValueError, match=r"num_train=0"):
+        make_synthetic(0, 5)
 
 
 def test_error_corrupt_image(tmp_path):

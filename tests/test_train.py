@@ -399,6 +399,7 @@ def test_analyze_files(trained, tmp_path):
         (["train", "--out", "{tmp}/x", "--set", "bogus_key=1"], "unknown config key"),
         (["train", "--out", "{tmp}/x", "--set", "batch_size=many"], "expects an integer"),
         (["train", "--out", "{tmp}/x", "--set", "compile=maybe"], "boolean"),
+        (["train", "--out", "{tmp}/x", "--set", "max_test=0"], "max_test must be a positive integer, got 0"),
         (["train", "--out", "{tmp}/x", "--data", "{tmp}/missing.npz"], "no such file"),
         (["train", "--out", "{tmp}/x", "--steps", "abc"], "invalid int value"),
         (["eval", "--checkpoint", "{tmp}/nothing"], "no such checkpoint"),

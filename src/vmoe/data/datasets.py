@@ -81,7 +81,7 @@ class ImageDataset:
             raise ValueError(
                 f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}"
             )
-        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        self.labels = _check_labels(self.labels, "labels", len(self.classes))
         if len(self.labels) != len(self.images):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
 
@@ -242,20 +242,127 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
             tmp.unlink()
 
 
+def _check_max(name: str, value: int | None) -> None:
+    """``max_train``/``max_test``: None (all images) or a positive integer."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(
+            f"{name} must be a positive number of images (or None for all of them), got {value!r}"
+        )
+
+
 def _subsample(ds: ImageDataset, max_n: int | None, seed: int) -> ImageDataset:
     if max_n is None or max_n >= len(ds):
         return ds
-    if max_n < 0:
-        raise ValueError(f"max_train/max_test must be >= 0, got {max_n}")
+    if max_n < 1:
+        raise ValueError(f"max_train/max_test must be >= 1, got {max_n}")
     idx = np.sort(np.random.default_rng([seed, 0xD5]).permutation(len(ds))[:max_n])
     return ds.subset(idx)
 
 
-def _to_nhwc(x: np.ndarray, path: str, key: str) -> np.ndarray:
+def _check_labels(y: np.ndarray | Sequence[int], where: str, num_classes: int | None = None) -> np.ndarray:
+    """Class labels as int64 (N,), or ``ValueError`` naming ``where`` and an offending value.
+
+    Integer (or boolean) arrays pass; float arrays only when every value is an exact integer. Every
+    label must be >= 0 and, when ``num_classes`` is given, < ``num_classes``.
+    """
+    y = np.asarray(y).reshape(-1)
+    if y.dtype == np.bool_:
+        y = y.astype(np.int64)
+    if np.issubdtype(y.dtype, np.floating):
+        bad = ~np.isfinite(y)
+        bad[~bad] = y[~bad] != np.round(y[~bad])
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{where}: class labels must be integers, found {float(y[i])!r} at index {i}"
+                f" ({int(bad.sum())} non-integer value(s))"
+            )
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{where}: class labels must be integers, got an array of dtype {y.dtype}")
+    if y.size == 0:
+        return y.astype(np.int64)
+    lo, hi = y.min(), y.max()
+    if lo < 0:
+        i = int(np.argmin(y))
+        raise ValueError(f"{where}: class labels must be >= 0, found {y[i].item()!r} at index {i}")
+    limit = num_classes if num_classes is not None else np.iinfo(np.int32).max
+    if hi >= limit:
+        i = int(np.argmax(y))
+        what = f"{num_classes} classes" if num_classes is not None else "int32 class indices"
+        raise ValueError(
+            f"{where}: class label {y[i].item()!r} at index {i} is out of range for {what}"
+            + (f" (labels must be in 0..{num_classes - 1})" if num_classes is not None else "")
+        )
+    return y.astype(np.int64)
+
+
+_CHANNEL_COUNTS = (1, 3, 4)
+_DATA_FORMATS = {
+    "channels_last": "channels_last",
+    "nhwc": "channels_last",
+    "channels_first": "channels_first",
+    "nchw": "channels_first",
+}
+_ACCEPTED_LAYOUTS = (
+    "accepted layouts: (N, H, W) grayscale, (N, H, W, C) channels-last or (N, C, H, W) channels-first"
+    " with C = 1, 3 or 4"
+)
+
+
+def _guess_layout(shape: tuple[int, ...], path: str, key: str) -> str:
+    """'channels_last' or 'channels_first' for a 4-D image array of ``shape``, else ``ValueError``.
+
+    The channel axis is the one of axes 1 and 3 that holds 1, 3 or 4 values; when both do, the
+    layout whose spatial axes are square wins; anything else is ambiguous.
+    """
+    _, a, b, c = shape
+    first, last = a in _CHANNEL_COUNTS, c in _CHANNEL_COUNTS
+    if last and not first:
+        return "channels_last"
+    if first and not last:
+        return "channels_first"
+    if first and last and (a == b) != (b == c):
+        return "channels_last" if a == b else "channels_first"
+    why = (
+        "neither axis 1 nor axis 3 has 1, 3 or 4 entries"
+        if not (first or last)
+        else f"it reads as {a}x{b} images with {c} channels or {b}x{c} images with {a} channels"
+    )
+    raise ValueError(
+        f"{path}: '{key}' has shape {tuple(shape)}: cannot tell where the channel axis is ({why}); "
+        f"{_ACCEPTED_LAYOUTS}; store a 'data_format' entry ('channels_last' or 'channels_first') "
+        "in the .npz to say which"
+    )
+
+
+def _read_data_format(z: np.lib.npyio.NpzFile, path: str) -> str | None:
+    if "data_format" not in z.files:
+        return None
+    raw = _npz_get(z, "data_format", path)
+    value = str(raw.item()).strip().lower() if raw.size == 1 else None
+    if value not in _DATA_FORMATS:
+        raise ValueError(
+            f"{path}: 'data_format' must be 'channels_last' or 'channels_first', got {raw.tolist()!r}"
+        )
+    return _DATA_FORMATS[value]
+
+
+def _to_nhwc(x: np.ndarray, path: str, key: str, data_format: str | None = None) -> np.ndarray:
+    """Images as uint8 (N, H, W, C): (N, H, W) gains a channel axis, (N, C, H, W) is transposed.
+
+    ``data_format`` ('channels_last'/'channels_first') fixes the layout of a 4-D array; None
+    guesses it from the shape (see :func:`_guess_layout`).
+    """
     if x.ndim == 3:
         x = x[..., None]
-    if x.ndim != 4:
-        raise ValueError(f"{path}: '{key}' must have shape (N, H, W) or (N, H, W, C), got {x.shape}")
+    elif x.ndim == 4:
+        layout = data_format or _guess_layout(x.shape, path, key)
+        if layout == "channels_first":
+            x = x.transpose(0, 2, 3, 1)
+    else:
+        raise ValueError(f"{path}: '{key}' has shape {x.shape}; {_ACCEPTED_LAYOUTS}")
     if x.dtype != np.uint8:
         if np.issubdtype(x.dtype, np.floating) and x.size and float(x.max()) <= 1.0:
             x = x * 255.0
@@ -382,7 +489,7 @@ def _load_jpeg_npz(
         )
         splits = []
         for split in ("train", "test"):
-            y = _npz_get(z, f"y_{split}", p).astype(np.int64).reshape(-1)
+            y = _check_labels(_npz_get(z, f"y_{split}", p), f"{p}: 'y_{split}'", len(classes))
             cache = _cache_dir() / f"jpegnpz-{digest[:16]}-{split}.npy"
             images = None
             if cache.is_file():
@@ -422,25 +529,24 @@ def _load_keras_npz(path: Path, progress: bool = True) -> tuple[ImageDataset, Im
         if "train_jpeg_data" in z.files:
             return _load_jpeg_npz(path, progress=progress)
         arrays = {k: _npz_get(z, k, p) for k in ("x_train", "y_train", "x_test", "y_test")}
-        classes_arr = [str(c) for c in z["classes"]] if "classes" in z.files else None
+        classes_arr = [str(c) for c in _npz_get(z, "classes", p)] if "classes" in z.files else None
+        data_format = _read_data_format(z, p)
+    n_names = len(classes_arr) if classes_arr is not None else None
     splits_xy = []
     for split in ("train", "test"):
-        x = _to_nhwc(arrays[f"x_{split}"], p, f"x_{split}")
-        y = np.asarray(arrays[f"y_{split}"]).reshape(-1)
+        x = _to_nhwc(arrays[f"x_{split}"], p, f"x_{split}", data_format)
+        y = _check_labels(arrays[f"y_{split}"], f"{p}: 'y_{split}'", n_names)
         if len(x) != len(y):
             raise ValueError(f"{p}: 'x_{split}' has {len(x)} rows but 'y_{split}' has {len(y)}")
-        splits_xy.append((x, y.astype(np.int64)))
+        splits_xy.append((x, y))
     if splits_xy[0][0].shape[1:] != splits_xy[1][0].shape[1:]:
         raise ValueError(
             f"{p}: x_train images {splits_xy[0][0].shape[1:]} and x_test {splits_xy[1][0].shape[1:]} differ"
+            " (as (H, W, C))"
         )
     all_y = np.concatenate([splits_xy[0][1], splits_xy[1][1]])
-    if all_y.size and all_y.min() < 0:
-        raise ValueError(f"{p}: negative labels")
     n_cls = int(all_y.max()) + 1 if all_y.size else 0
     classes = classes_arr if classes_arr is not None else [str(i) for i in range(n_cls)]
-    if len(classes) < n_cls:
-        raise ValueError(f"{p}: labels go up to {n_cls - 1} but only {len(classes)} class names")
     meta = {"name": path.stem, "source": p, "license": "unknown (user-supplied file)", "default_hflip": True}
     return ImageDataset(*splits_xy[0], classes), ImageDataset(*splits_xy[1], classes), meta
 
@@ -482,7 +588,7 @@ def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     if "data" not in d or label_key not in d:
         raise ValueError(f"{path}: expected keys 'data' and '{label_key}', found {sorted(d)}")
     data = np.asarray(d["data"])
-    labels = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+    labels = _check_labels(np.asarray(d[label_key]), f"{path}: '{label_key}'")
     if data.ndim != 2 or data.shape[1] % 3 != 0:
         raise ValueError(f"{path}: 'data' must be (N, 3*H*W), got {data.shape}")
     side = round((data.shape[1] // 3) ** 0.5)
@@ -621,6 +727,15 @@ def _load_image_folder(
         x, _ = _decode_files([f for f, _ in files], image_size, mode, "decoding images", progress)
         y = np.array([cidx[c] for _, c in files], np.int64)
         tr, te = stratified_split(y, test_fraction, seed)
+        if len(tr) == 0 or len(te) == 0:
+            empty = "test" if len(te) == 0 else "train"
+            counts = ", ".join(f"{c}: {n}" for c, n in zip(classes, np.bincount(y, minlength=len(classes))))
+            raise ValueError(
+                f"{root}: the {empty} split is empty: test_fraction={test_fraction:g} of {len(y)} images "
+                f"({counts}) leaves {len(tr)} train and {len(te)} test images (each class puts "
+                f"round(n * test_fraction) images in test); add more images per class, change "
+                "test_fraction, or give a fixed split as train/<class>/<image> + test/<class>/<image>"
+            )
         train, test = ImageDataset(x[tr], y[tr], classes), ImageDataset(x[te], y[te], classes)
     meta = {"name": root.name, "source": str(root), "license": "unknown (user-supplied images)"}
     return train, test, meta
@@ -651,28 +766,41 @@ def load_dataset(
               under ``$VMOE_CACHE_DIR`` (default ``~/.cache/vmoe``).
             * ``"synthetic"``: class-structured toy images (:func:`vmoe.data.make_synthetic`).
             * a ``.npz`` path: the CIFAR-10 JPEG-bytes format, or keras-style
-              ``x_train, y_train, x_test, y_test`` (N, H, W) or (N, H, W, C).
+              ``x_train, y_train, x_test, y_test``: images (N, H, W), (N, H, W, C) or channels-first
+              (N, C, H, W) with C in 1, 3, 4 (an optional ``data_format`` entry, ``channels_last`` or
+              ``channels_first``, settles ambiguous shapes); integer labels (floats only if integral);
+              an optional ``classes`` array of names.
             * a ``cifar-10-batches-py`` / ``cifar-100-python`` directory (python pickle batches).
             * an image folder: ``root/<class>/*`` (split by ``test_fraction``) or
               ``root/train/<class>/*`` + ``root/{test,val}/<class>/*``.
         image_size: resize (bilinear) all images to ``image_size`` x ``image_size`` once at load time.
         test_fraction: held-out fraction where the source has no fixed split.
         seed: split / subsampling seed.
-        max_train, max_test: keep a random (seeded) subset of at most this many rows.
+        max_train, max_test: keep a random (seeded) subset of at most this many rows (None: all;
+            otherwise a positive integer). ``synthetic`` makes exactly this many (default 2000, 500).
         progress: show progress bars while decoding images (CIFAR-10 JPEGs, image folders).
 
     Raises:
         FileNotFoundError: a path that does not exist.
-        ValueError: an unknown name, or a malformed/corrupt file; the message names the file.
+        ValueError: an unknown name, a malformed/corrupt file (the message names the file), labels that
+            are not integers in 0..num_classes-1, an empty train or test split, or ``max_train``/
+            ``max_test`` < 1.
     """
     spec_str = os.fspath(spec)
+    _check_max("max_train", max_train)
+    _check_max("max_test", max_test)
     if spec_str == "digits":
         train, test, meta = _load_digits(test_fraction, seed)
     elif spec_str == "synthetic":
         from .synthetic import make_synthetic
 
         return make_synthetic(
-            max_train or 2000, max_test or 500, image_size or 16, 3, 10, seed=seed
+            2000 if max_train is None else max_train,
+            500 if max_test is None else max_test,
+            16 if image_size is None else image_size,
+            3,
+            10,
+            seed=seed,
         )  # already small
     elif spec_str == "cifar10":
         found = find_cifar10_npz()  # raises if $VMOE_DATA_DIR is set but lacks the file
@@ -709,6 +837,13 @@ def load_dataset(
             train, test, meta = _load_jpeg_npz(path / CIFAR10_JPEG_NPZ, progress=progress)
         else:
             train, test, meta = _load_image_folder(path, image_size, test_fraction, seed, progress)
+    if len(train) == 0 or len(test) == 0:
+        empty = "test" if len(test) == 0 else "train"
+        raise ValueError(
+            f"{spec_str}: the {empty} split is empty ({len(train)} train, {len(test)} test images); "
+            "training needs images in both: add some to the empty split"
+            + (f" or raise test_fraction (now {test_fraction:g})" if spec_str == "digits" else "")
+        )
     train = _subsample(train, max_train, seed)
     test = _subsample(test, max_test, seed + 1)
     if image_size is not None:
@@ -718,7 +853,10 @@ def load_dataset(
         test = ImageDataset(resize_images(test.images, image_size), test.labels, test.classes)
     h, w = train.image_size
     if h != w:
-        raise ValueError(f"{spec_str}: images are {h}x{w}; pass image_size= to make them square")
+        raise ValueError(
+            f"{spec_str}: images are {h}x{w} with {train.channels} channel(s), read as (N, H, W, C); "
+            "pass image_size= to resize them to a square"
+        )
     mean, std = compute_mean_std(train.images)
     info = DatasetInfo(
         name=meta["name"],

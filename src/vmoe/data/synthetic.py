@@ -51,8 +51,21 @@ def make_synthetic(
     CNN/ViT learns it to high accuracy in a few hundred steps. Labels cycle through the classes in a
     seeded random order so every class appears in both splits. Deterministic in ``seed``.
     """
-    if min(image_size, channels, num_classes) < 1 or min(num_train, num_test) < 0:
-        raise ValueError("make_synthetic: sizes must be positive")
+    sizes = {
+        "num_train": num_train,
+        "num_test": num_test,
+        "image_size": image_size,
+        "channels": channels,
+        "num_classes": num_classes,
+    }
+    bad = {
+        k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+    }
+    if bad:
+        raise ValueError(
+            "make_synthetic: sizes must be positive integers, got "
+            + ", ".join(f"{k}={v!r}" for k, v in bad.items())
+        )
     rng = np.random.default_rng([seed, 0x51])
     splits = []
     for n in (num_train, num_test):

@@ -97,8 +97,8 @@ class TrainConfig:
             "expert_parallel",
         ):
             pos(n)
-        pos("steps", allow_none=True)
-        pos("image_size", allow_none=True)
+        for n in ("steps", "image_size", "max_train", "max_test"):
+            pos(n, allow_none=True)
         for n in ("eval_every", "checkpoint_every"):
             v = getattr(self, n)
             if not isinstance(v, int) or v < 0:
