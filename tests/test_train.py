@@ -172,6 +172,12 @@ def test_resuming_a_finished_run_reports_its_loss_and_one_final_record(tmp_path)
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "accuracy" in r] == [3]
 
 
+def test_model_none_values_follow_the_field_types():
+    # model.KEY=none is None where that field may be None (dropless), and stays text elsewhere.
+    cfg = apply_overrides(get_recipe("tiny"), ["model.capacity_factor=none", "model.moe_layers=none"])
+    assert cfg.model_overrides["capacity_factor"] is None and cfg.model_overrides["moe_layers"] == "none"
+
+
 def test_batch_priority_training_is_saved_in_the_model_config(tmp_path):
     # BPR in training is part of the model the checkpoint describes: vmoe.load routes as trained, so
     # evaluating the checkpoint gives the run's own final accuracy.

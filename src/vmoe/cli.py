@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -19,6 +20,61 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def _note(msg: str) -> None:
+    """A note on stderr (once under torchrun: rank 0)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"vmoe: {msg}", file=sys.stderr, flush=True)
+
+
+def _check_device(name: str) -> None:
+    """ValueError for a device string torch does not parse (``foo``, ``cuda:x``)."""
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown device {name!r} (expected auto, cpu, cuda, cuda:N, mps, ...)") from None
+
+
+def _check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> None:
+    """ValueError when an output directory path names an existing file."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {p}: exists and is not a directory")
+
+
+def _absolute_data(spec: str) -> str:
+    """``spec`` as an absolute path when it names an existing file or directory (not a built-in name),
+    so a run's config still finds its data from another working directory."""
+    from vmoe.data import BUILTIN_DATASETS
+
+    if spec in BUILTIN_DATASETS:
+        return spec
+    p = Path(spec).expanduser()
+    return str(p.absolute()) if p.exists() else spec
+
+
+def _same_data(spec: str, stored: Any) -> bool:
+    """Whether the data ``spec`` is the one a run was trained on (``stored``, from its config)."""
+    if not isinstance(stored, str):
+        return False
+    if spec == stored:
+        return True
+    a, b = Path(spec).expanduser(), Path(stored).expanduser()
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+# Model overrides that follow the data (the trainer fills them from it), kept with another --model.
+_DATA_BOUND_KEYS = ("image_size", "num_classes", "in_chans")
+# The backbone of a registered model: two models that agree on these are the same size.
+_BACKBONE_KEYS = ("num_layers", "hidden_size", "mlp_dim", "num_heads", "patch_size")
 
 
 # ----------------------------------------------------------------------------- train
@@ -33,6 +89,52 @@ def _saved_train_config(out: Path) -> Any:
         return TrainConfig.from_dict(json.loads(path.read_text())["train"])
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: not a vmoe run config ({e})") from e
+
+
+def _overrides_for_model(cfg: Any, model: str, *, keep_moe: bool) -> Any:
+    """``cfg`` with the recipe's model overrides fitted to another registered ``model``.
+
+    The recipe sized its overrides for its own model. When ``model`` has the same backbone (e.g.
+    ``vit_ti`` for the recipe's ``vmoe_ti``: its dense counterpart), the size settings carry over
+    and only the MoE settings are dropped for a dense model (unless ``keep_moe``: --num-experts asks
+    for MoE layers). For any other model all of them are dropped except the data-bound ones
+    (image_size, num_classes, in_chans), so ``--model vit_b16`` is a ViT-B/16; ``--set model.KEY=``
+    still applies. What is dropped is logged.
+    """
+    import dataclasses
+
+    from vmoe.config import MoEConfig, RouterConfig
+    from vmoe.models.registry import get_config
+
+    new = get_config(model)  # an unknown name raises here, listing close ones
+    try:
+        old = get_config(cfg.model)
+    except ValueError:
+        old = None
+    same_backbone = old is not None and all(getattr(old, k) == getattr(new, k) for k in _BACKBONE_KEYS)
+    overrides = dict(cfg.model_overrides)
+    if same_backbone:
+        if new.moe is not None or keep_moe:
+            return cfg
+        moe_keys = (
+            {f.name for f in dataclasses.fields(RouterConfig)}
+            | {f.name for f in dataclasses.fields(MoEConfig)}
+            | {"moe_layers", "moe", "moe_dropout"}
+        )
+        # A dense model in place of the recipe's V-MoE: the MoE settings would make it a V-MoE.
+        dropped = sorted(k for k in overrides if k in moe_keys)
+        why = f"{model} is dense"
+    else:
+        dropped = sorted(k for k in overrides if k not in _DATA_BOUND_KEYS)
+        why = f"they were set for {cfg.model}, not {model}"
+    if dropped:
+        _note(
+            f"--model {model}: not applying the recipe's model settings "
+            + ", ".join(f"{k}={overrides[k]!r}" for k in dropped)
+            + f" ({why}); set any of them with --set model.KEY=VALUE"
+        )
+    kept = {k: v for k, v in overrides.items() if k not in dropped}
+    return dataclasses.replace(cfg, model_overrides=kept)
 
 
 def _train_config(args: argparse.Namespace) -> Any:
@@ -73,36 +175,32 @@ def _train_config(args: argparse.Namespace) -> Any:
         pairs.insert(0, "image_size=none")
     if args.compile:
         pairs.append("compile=true")
-    if args.model is not None and args.model != cfg.model and args.num_experts is None:
-        # A dense model in place of the recipe's V-MoE: drop the recipe's MoE settings, which
-        # would otherwise turn the dense model into a V-MoE.
-        import dataclasses
-
-        from vmoe.config import MoEConfig, RouterConfig
-        from vmoe.models.registry import get_config
-
-        if get_config(args.model).moe is None:
-            moe_keys = (
-                {f.name for f in dataclasses.fields(RouterConfig)}
-                | {f.name for f in dataclasses.fields(MoEConfig)}
-                | {"moe_layers", "moe", "moe_dropout"}
-            )
-            kept = {k: v for k, v in cfg.model_overrides.items() if k not in moe_keys}
-            cfg = dataclasses.replace(cfg, model_overrides=kept)
+    if args.model is not None and args.model != cfg.model and cfg.model_overrides:
+        cfg = _overrides_for_model(cfg, args.model, keep_moe=args.num_experts is not None)
     for k, v in (("patch_size", args.patch_size), ("num_experts", args.num_experts)):
         if v is not None:
             pairs.append(f"model.{k}={v}")
     if saved is not None and args.expert_parallel is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         pairs.insert(0, "expert_parallel=1")  # the layout is the launch's, not the run's: one process here
     pairs += args.set or []
-    return apply_overrides(cfg, pairs)
+    cfg = apply_overrides(cfg, pairs)
+    data = _absolute_data(cfg.data)
+    if data != cfg.data and (saved is None or args.data is not None or cfg.data != saved.data):
+        # Given on this command line (not a resumed run's own setting): stored absolute, so that
+        # `vmoe eval --checkpoint RUN` and --resume find the data from any directory.
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, data=data)
+    return cfg
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import vmoe
     from vmoe.train.loop import train
 
+    _check_out_dir(args.out)
     cfg = _train_config(args)
+    _check_device(cfg.device)
     vmoe.create_model  # noqa: B018 - fail early on a broken install
     res = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     if res.accuracy is not None and int(os.environ.get("RANK", "0")) == 0:  # one line under torchrun
@@ -110,7 +208,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "step": res.step,
-                    "loss": res.final_loss,
+                    "loss": None if math.isnan(res.final_loss) else res.final_loss,  # strict JSON: no NaN
                     "accuracy": res.accuracy,
                     "checkpoint": str(res.checkpoint),
                 }
@@ -120,20 +218,82 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- eval
+def _checkpoint_json(ck: dict[str, Any], key: str, filename: str) -> dict[str, Any] | None:
+    """A checkpoint's JSON file as a dict (None when absent); CheckpointError naming the file otherwise."""
+    from vmoe.train.checkpoint import CheckpointError
+
+    value = ck[key]
+    if value is not None and not isinstance(value, dict):
+        raise CheckpointError(
+            f"{Path(ck['path']) / filename}: expected a JSON object, got {type(value).__name__}"
+        )
+    return value
+
+
+def _class_names(classes: Any) -> list[str] | None:
+    if isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes):
+        return list(classes)
+    return None
+
+
+def _map_classes(test: Any, info: Any, trained: list[str], spec: str) -> tuple[Any, Any]:
+    """Relabel ``test`` by class name onto the checkpoint's classes ``trained``.
+
+    A dataset's labels index its own class list (an image folder's sorted sub-directories), so data
+    missing a class, or listing them in another order, would otherwise be scored against the wrong
+    outputs. Classes the model was not trained on are refused. Data whose classes are only numbers
+    ``0..n-1`` (an ``.npz`` without names), or a model trained on such data, keeps the labels as they
+    are when the names do not match: there are no names to go by.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from vmoe.data import ImageDataset
+
+    own = list(test.classes)
+    if own == trained:
+        return test, info
+    index = {c: i for i, c in enumerate(trained)}
+    unknown = [c for c in own if c not in index]
+    if unknown:
+
+        def anonymous(names: list[str]) -> bool:
+            return names == [str(i) for i in range(len(names))]
+
+        if anonymous(own) or anonymous(trained):
+            return test, info
+        shown = ", ".join(unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        raise ValueError(
+            f"{spec}: classes the model was not trained on: {shown} "
+            f"(it knows {len(trained)}: {', '.join(trained[:10])}{', ...' if len(trained) > 10 else ''})"
+        )
+    lut = np.array([index[c] for c in own], dtype=np.int64)
+    test = ImageDataset(test.images, lut[test.labels], list(trained))
+    info = dataclasses.replace(info, classes=list(trained), num_classes=len(trained))
+    return test, info
+
+
 def _load_for_eval(
     checkpoint: str, data: str | None, device: str, max_images: int | None = None, progress: bool = True
 ) -> tuple:
     from vmoe.data import DatasetInfo, load_dataset
-    from vmoe.train.checkpoint import load, load_checkpoint
+    from vmoe.train.checkpoint import CheckpointError, load, load_checkpoint
     from vmoe.train.loop import resolve_device
 
+    _check_device(device)
     dev = resolve_device(device)
     ck = load_checkpoint(checkpoint)
+    tc = _checkpoint_json(ck, "train_config", "train_config.json") or {}
+    d = _checkpoint_json(ck, "data_info", "data_info.json")
     model = load(ck["path"], map_location=dev)
-    tc = ck["train_config"] or {}
-    spec = data or tc.get("data")
+    stored = tc.get("data")
+    spec = data or stored
     if spec is None:
         raise ValueError(f"{ck['path']}: no --data given and the checkpoint does not name its training data")
+    if not isinstance(spec, str):
+        raise CheckpointError(f"{Path(ck['path']) / 'train_config.json'}: 'data' is not a string: {spec!r}")
+    same = _same_data(spec, stored)
     image_size = model.cfg.image_hw[0]
     if max_images is not None and max_images < 1:
         raise ValueError(f"--max-images must be >= 1, got {max_images}")
@@ -141,24 +301,31 @@ def _load_for_eval(
     _, test, info = load_dataset(
         spec,
         image_size=image_size,
-        max_train=tc.get("max_train") if spec == tc.get("data") else None,
+        max_train=tc.get("max_train") if same else None,
         max_test=max_images if max_images is not None else tc.get("max_test"),
         progress=progress,
     )
-    if ck["data_info"] is not None and spec == tc.get("data"):
+    if d is not None and same:
         # Normalise with the statistics the model was trained with.
-        d = ck["data_info"]
-        info = DatasetInfo(
-            **{
-                **{k: v for k, v in d.items() if k in DatasetInfo.__dataclass_fields__},
-                "mean": tuple(d["mean"]),
-                "std": tuple(d["std"]),
-            }
-        )
+        try:
+            info = DatasetInfo(
+                **{
+                    **{k: v for k, v in d.items() if k in DatasetInfo.__dataclass_fields__},
+                    "mean": tuple(float(v) for v in d["mean"]),
+                    "std": tuple(float(v) for v in d["std"]),
+                }
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{Path(ck['path']) / 'data_info.json'}: invalid data info ({type(e).__name__}: {e})"
+            ) from None
     if test.channels != model.cfg.in_chans:
         raise ValueError(
             f"{spec}: images have {test.channels} channels, the model expects {model.cfg.in_chans}"
         )
+    trained = _class_names(d.get("classes")) if d is not None else None
+    if trained is not None and len(trained) == model.cfg.num_classes and _class_names(test.classes):
+        test, info = _map_classes(test, info, trained, spec)
     if info.num_classes > model.cfg.num_classes:
         raise ValueError(f"{spec}: {info.num_classes} classes, the model has {model.cfg.num_classes} outputs")
     return model, test, info, dev, ck
@@ -168,6 +335,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vmoe.eval.evaluate import DEFAULT_CAPACITIES, evaluate, sweep
     from vmoe.eval.plots import SWEEP_COLUMNS, format_table, plot_sweep
 
+    if not args.sweep:
+        given = [f for f, v in (("--capacities", args.capacities), ("--plot", args.plot)) if v is not None]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --sweep"
+            )
+    bad = [c for c in args.capacities or [] if not (c > 0 and c != float("inf"))]
+    if bad:
+        raise ValueError(f"--capacities must be numbers > 0, got {', '.join(map(str, bad))}")
     model, test, info, dev, ck = _load_for_eval(
         args.checkpoint, args.data, args.device, args.max_images, progress=not args.no_progress
     )
@@ -218,8 +394,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from vmoe.eval.analyze import analyze
 
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.out:
+        _check_out_dir(args.out)
     model, test, info, dev, ck = _load_for_eval(args.checkpoint, args.data, args.device)
     out = Path(args.out) if args.out else Path(ck["path"]).parent.parent / "analysis"
+    _check_out_dir(out)
     summary = analyze(
         model,
         test,
@@ -238,6 +419,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vmoe import report
 
+    _check_out_dir(args.out)
     report.main_job(
         Path(args.out), recipe=args.recipe, overrides=args.set or [], progress=not args.no_progress
     )
@@ -281,7 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--expert-parallel", type=int, help="expert-parallel size (under torchrun)")
     t.add_argument(
-        "--set", nargs="*", metavar="KEY=VALUE", help="override config keys; model.KEY=VALUE for the model"
+        "--set",
+        nargs="*",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="override config keys; model.KEY=VALUE for the model (repeatable)",
     )
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
@@ -290,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="run directory (its newest checkpoint) or checkpoint")
     e.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
     e.add_argument("--sweep", action="store_true")
-    e.add_argument("--capacities", type=float, nargs="+")
+    e.add_argument("--capacities", type=float, nargs="+", help="test-time capacity factors (with --sweep)")
     e.add_argument("--json", help="write the results here")
     e.add_argument("--plot", help="sweep plot path (default: next to --json, or in the run directory)")
     e.add_argument("--batch-size", type=int, default=256)
@@ -312,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: train on built-in data, sweep, analyze, write a report")
     d.add_argument("--out", default="report")
     d.add_argument("--recipe", default="default")
-    d.add_argument("--set", nargs="*", metavar="KEY=VALUE")
+    d.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE", help="as for train (repeatable)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_cmd_demo)
 
@@ -335,7 +521,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"vmoe: {e}{hint}", file=sys.stderr)
         return 128 + e.signum
-    except (ValueError, FileNotFoundError, CheckpointError, NotADirectoryError, IsADirectoryError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        CheckpointError,
+        NotADirectoryError,
+        IsADirectoryError,
+        FileExistsError,
+    ) as e:
         if os.environ.get("VMOE_TRACEBACK"):
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -12,7 +12,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["main_job"]
+__all__ = ["main_job", "reproduce_command"]
+
+
+def reproduce_command(out: Path | str, recipe: str = "default", overrides: list[str] | None = None) -> str:
+    """The ``vmoe demo`` command line that reruns a job: its --out, --recipe and --set arguments."""
+    import shlex
+
+    argv = ["vmoe", "demo", "--out", str(out), "--recipe", recipe]
+    if overrides:
+        argv += ["--set", *overrides]
+    return shlex.join(argv)
 
 
 def main_job(
@@ -106,7 +116,7 @@ def main_job(
         f"BPR off (as in the paper); {t_train:.0f} s on {device} (torch {torch.__version__})",
         f"- **held-out test accuracy: {res.accuracy:.4f}** (chance {chance:.2f}) at the training capacity "
         f"C={model.moe_layers()[0][1].cfg.router.capacity_factor}",
-        f"- whole job: {elapsed:.0f} s. Reproduce: `vmoe demo --out {out}`",
+        f"- whole job: {elapsed:.0f} s. Reproduce: `{reproduce_command(out, recipe, overrides)}`",
         "",
         "## Test-time compute: capacity factor C, k, and batch-prioritized routing",
         "",

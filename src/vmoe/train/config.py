@@ -229,6 +229,22 @@ def _auto_value(text: str) -> Any:
         return text
 
 
+def _model_value(key: str, text: str) -> Any:
+    """A ``model.KEY=`` value: JSON, else the text; ``none`` is None where the model's, MoE's or
+    router's field ``KEY`` may be None (``capacity_factor=none``: dropless), and text elsewhere
+    (``moe_layers=none``: no MoE blocks)."""
+    if text.strip().lower() == "none":
+        from vmoe.config import ModelConfig, MoEConfig, RouterConfig
+
+        for cls in (RouterConfig, MoEConfig, ModelConfig):
+            if key in {f.name for f in dataclasses.fields(cls)}:
+                typ = _field_type(cls, key)
+                if type(None) in typing.get_args(typ):
+                    return None
+                break
+    return _auto_value(text)
+
+
 def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
     """Apply ``key=value`` overrides; ``model.KEY=value`` sets a model override.
 
@@ -247,7 +263,8 @@ def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
         key, text = pair.split("=", 1)
         key = key.strip()
         if key.startswith("model."):
-            d["model_overrides"] = {**d["model_overrides"], key[len("model.") :]: _auto_value(text)}
+            name = key[len("model.") :]
+            d["model_overrides"] = {**d["model_overrides"], name: _model_value(name, text)}
             continue
         if key not in fields:
             import difflib
