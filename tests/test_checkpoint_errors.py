@@ -147,6 +147,7 @@ def test_cli_resume_with_swapped_train_state_is_one_line(tmp_path, capsys):
     train(apply_overrides(tiny, ["steps=2", "model.num_layers=3"]), tmp_path / "b", progress=False)
     a, b = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
     shutil.copy(b / "train_state.pt", a / "train_state.pt")
+    (a / "SHA256SUMS").unlink()  # as a checkpoint written before checksums (else: checksum mismatch)
     capsys.readouterr()
     argv = ["train", "--recipe", "tiny", "--out", tmp_path / "a", "--resume", "--set", "steps=3"]
     rc, err = run_cli([*argv, "--no-progress"], capsys)
@@ -154,6 +155,31 @@ def test_cli_resume_with_swapped_train_state_is_one_line(tmp_path, capsys):
     errors = [line for line in err.splitlines() if line.startswith("vmoe: error:")]
     assert errors == [err.splitlines()[-1]] and "Traceback" not in err, err  # one line, no traceback
     assert errors[0].startswith(f"vmoe: error: {a / 'train_state.pt'}: optimizer state does not fit"), err
+
+
+def test_damaged_or_replaced_files_fail_their_checksum(tmp_path, capsys):
+    # One flipped byte inside the weights' data (the safetensors header stays valid, so the file would
+    # load with a wrong value), or a train_state.pt copied in from another run: errors naming the file.
+    tiny = get_recipe("tiny")
+    train(apply_overrides(tiny, ["steps=2"]), tmp_path / "a", progress=False)
+    ckpt = latest_checkpoint(tmp_path / "a")
+    assert load_checkpoint(ckpt)["step"] == 2  # intact: loads
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights}: checksum mismatch")):
+        load_checkpoint(ckpt)
+    rc, err = run_cli(["eval", "--checkpoint", tmp_path / "a"], capsys)
+    assert rc == 2 and err.splitlines()[-1].startswith(f"vmoe: error: {weights}: checksum mismatch"), err
+    data[-5] ^= 0x01
+    weights.write_bytes(bytes(data))
+    state = ckpt / "train_state.pt"
+    torch.save({"step": 2, "optimizer": {}}, state)
+    with pytest.raises(CheckpointError, match=re.escape(f"{state}: checksum mismatch")):
+        load_checkpoint(ckpt)
+    (ckpt / "SHA256SUMS").unlink()  # checkpoints written before checksums still load
+    assert load_checkpoint(ckpt)["train_state"]["step"] == 2
 
 
 # ------------------------------------------------------------------------------------ evaluate

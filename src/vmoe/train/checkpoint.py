@@ -7,7 +7,11 @@ A checkpoint is a directory ``<run>/checkpoints/step_00000100/`` holding
     train_config.json    the resolved :class:`TrainConfig`
     data_info.json       dataset metadata (classes, normalisation statistics)
     train_state.pt       optimizer state, step, RNG states (absent in weights-only exports)
+    SHA256SUMS           checksums of the two binary files (``sha256sum -c SHA256SUMS`` checks them)
     COMPLETE             written last
+
+Loading verifies the checksums (when the file is there; older checkpoints have none), so a
+damaged file is an error naming it rather than silently wrong weights.
 
 It is written into a temporary sibling directory and renamed into place, so an interrupted
 write never leaves a checkpoint that looks complete.
@@ -15,6 +19,7 @@ write never leaves a checkpoint that looks complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -86,6 +91,8 @@ def save_checkpoint(
             _write_json(tmp / "data_info.json", data_info)
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
+        sums = [f"{_sha256(tmp / n)}  {n}\n" for n in _SUMMED if (tmp / n).exists()]
+        (tmp / _SUMS).write_text("".join(sums))
         (tmp / "COMPLETE").write_text(f"{step}\n")
         for f in tmp.iterdir():  # flush file contents before the rename makes them visible
             with open(f, "rb") as fh:
@@ -136,6 +143,35 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     return latest
 
 
+_SUMS = "SHA256SUMS"
+_SUMMED = ("model.safetensors", "train_state.pt")  # the binary files (JSON damage is caught by parsing)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify(ckpt: Path, name: str) -> None:
+    """CheckpointError when ``ckpt/name`` does not match its recorded SHA-256 (if one is recorded)."""
+    sums = ckpt / _SUMS
+    if not sums.exists():
+        return
+    for line in sums.read_text().splitlines():
+        digest, _, listed = line.partition("  ")
+        if listed == name:
+            found = _sha256(ckpt / name)
+            if found != digest:
+                raise CheckpointError(
+                    f"{ckpt / name}: checksum mismatch, the file changed after it was written (damaged or "
+                    f"replaced): SHA-256 {found[:16]}..., recorded {digest[:16]}... in {sums}"
+                )
+            return
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"{path}: missing")
@@ -156,6 +192,7 @@ def load_checkpoint(
     Raises :class:`CheckpointError` naming the file for a missing or corrupt file.
     """
     ckpt = resolve_checkpoint(path)
+    _verify(ckpt, "model.safetensors")
     try:
         state = load_file(str(ckpt / "model.safetensors"), device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -172,6 +209,7 @@ def load_checkpoint(
     }
     ts = ckpt / "train_state.pt"
     if ts.exists():
+        _verify(ckpt, ts.name)
         try:
             out["train_state"] = torch.load(ts, map_location=map_location, weights_only=False)
         except Exception as e:  # corrupt pickle / zip
