@@ -38,7 +38,9 @@ have_nvcc=1
 if [ "$DEVICE" = cuda ] && ! command -v nvcc >/dev/null && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
     have_nvcc=0
 fi
-export VMOE_NO_TUTEL=1  # until a build for this machine is proven below (.peers/ may hold another machine's)
+# A Tutel in .peers/ was built for another machine: keep it out unless a build for this one is proven below
+# (a Tutel installed on this machine itself is raced as it is).
+[ -d .peers/tutel ] && export VMOE_NO_TUTEL=1
 if [ -f .peers/tutel-src/setup.py ] && [ "$have_nvcc" = 0 ]; then
     echo "== Tutel not built: no nvcc on PATH or in \$CUDA_HOME (it is left out of the race)"
 elif [ -f .peers/tutel-src/setup.py ]; then

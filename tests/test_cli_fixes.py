@@ -244,6 +244,23 @@ def test_eval_with_relative_data_uses_the_training_statistics(folder_run, monkey
     assert list(info.mean) == trained["mean"]  # "imgs" is the run's own data, given relative
 
 
+def test_resume_with_the_same_relative_data_keeps_the_image_size(tmp_path, monkeypatch, capsys):
+    # The stored data path is absolute; the same relative --data on resume is the same data, so the
+    # run's image size is kept (not reset to the data's native size, which resume would then refuse).
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8)
+    np.savez(
+        tmp_path / "x.npz", x_train=x[:16], y_train=np.arange(16) % 2, x_test=x[16:], y_test=np.arange(8) % 2
+    )
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--data", "x.npz", "--out", "run", "--no-progress"]
+    rc, err = run_cli([*base, "--recipe", "tiny", "--image-size", "16", "--steps", "1"], capsys)
+    assert rc == 0, err
+    rc, err = run_cli([*base, "--resume", "--steps", "2"], capsys)  # the run's own settings
+    assert rc == 0, err
+    assert json.loads(Path("run/config.json").read_text())["train"]["image_size"] == 16
+
+
 # ----------------------------------------------------------------------------- 8. demo report
 
 

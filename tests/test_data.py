@@ -158,33 +158,39 @@ def test_keras_npz_channels_first_is_transposed(tmp_path, chans):
         load_dataset(q)
 
 
-def test_keras_npz_ambiguous_layout_is_an_error(tmp_path):
-    # both axis 1 and axis 3 could be channels, neither reading square: no guess
-    p = tmp_path / "amb.npz"
-    _keras_npz(p, (4, 3, 5, 4), (2, 3, 5, 4))
-    with pytest.raises(
-        ValueError, match=re.escape(str(p)) + r".*\(4, 3, 5, 4\).*accepted layouts.*data_format"
-    ) as e:
-        load_dataset(p)
-    assert "image_size" not in str(e.value)
-    # neither axis is a channel count
-    q = tmp_path / "none.npz"
-    _keras_npz(q, (4, 16, 16, 16), (2, 16, 16, 16))
-    with pytest.raises(ValueError, match=r"\(4, 16, 16, 16\).*accepted layouts") as e:
-        load_dataset(q, image_size=16)
-    assert "image_size" not in str(e.value)
-    # a data_format entry settles it
-    _keras_npz(p, (4, 3, 5, 4), (2, 3, 5, 4), data_format="channels_first")
-    train, _, info = load_dataset(p, image_size=5)
-    assert info.channels == 3 and train.images.shape == (4, 5, 5, 3)
-    _keras_npz(p, (4, 3, 5, 4), (2, 3, 5, 4), data_format="sideways")
-    with pytest.raises(ValueError, match=r"data_format.*sideways"):
-        load_dataset(p)
+@pytest.mark.parametrize(
+    "shape",
+    [(4, 8, 8, 2), (4, 8, 8, 5), (4, 4, 4, 4), (4, 3, 3, 3), (4, 4, 6, 3), (4, 3, 5, 4), (4, 16, 16, 16)],
+)
+def test_keras_npz_other_shapes_stay_channels_last(tmp_path, shape):
+    # Only clear channel-first arrays are transposed; everything else reads channels-last, as before
+    # (2 or 5 channels, tiny or non-square images); a data_format entry overrides the guess.
+    p = tmp_path / "x.npz"
+    x_tr, _, _, _ = _keras_npz(p, shape, (2, *shape[1:]))
+    side = max(shape[1], shape[2])
+    train, _, info = load_dataset(p, image_size=side)
+    assert info.channels == shape[3] and train.images.shape == (4, side, side, shape[3])
+    if shape[1:3] == (side, side):
+        assert np.array_equal(train.images, x_tr)
+    if shape == (4, 3, 5, 4):
+        _keras_npz(p, shape, (2, *shape[1:]), data_format="channels_first")
+        train, _, info = load_dataset(p, image_size=5)
+        assert info.channels == 3 and train.images.shape == (4, 5, 5, 3)
+        _keras_npz(p, shape, (2, *shape[1:]), data_format="sideways")
+        with pytest.raises(ValueError, match=r"data_format.*sideways"):
+            load_dataset(p)
 
 
 def test_keras_npz_labels_must_be_integral_and_in_range(tmp_path):
     p = tmp_path / "lab.npz"
     x = np.zeros((4, 4, 4, 3), np.uint8)
+    np.savez(p, x_train=x, y_train=np.array(["0", "1", "2", "1"]), x_test=x[:2], y_test=np.array(["1", "0"]))
+    assert load_dataset(p)[0].labels.tolist() == [0, 1, 2, 1]  # numbers stored as text load as before
+    np.savez(
+        p, x_train=x, y_train=np.array(["cat", "dog", "cat", "dog"]), x_test=x[:2], y_test=np.array([1, 0])
+    )
+    with pytest.raises(ValueError, match=r"'y_train'.*integers.*'cat'"):
+        load_dataset(p)
     np.savez(p, x_train=x, y_train=np.array([0.0, 1.0, 2.0, 1.0]), x_test=x[:2], y_test=np.array([1.0, 0.0]))
     train, _, info = load_dataset(p)  # integral floats are fine
     assert train.labels.tolist() == [0, 1, 2, 1] and train.labels.dtype == np.int64 and info.num_classes == 3

@@ -172,6 +172,20 @@ def test_resuming_a_finished_run_reports_its_loss_and_one_final_record(tmp_path)
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "accuracy" in r] == [3]
 
 
+def test_a_bpr_run_saved_by_the_previous_version_resumes(tmp_path):
+    # The previous version trained with BPR but saved batch_priority false: a routing choice, not the
+    # weights, so resuming it is allowed (and the run continues with BPR, as configured).
+    cfg = tiny_cfg("steps=2", "batch_priority=true")
+    train(cfg, tmp_path / "run", progress=False)
+    mc = latest_checkpoint(tmp_path / "run") / "model_config.json"
+    saved = json.loads(mc.read_text())
+    saved["moe"]["router"]["batch_priority"] = False
+    mc.write_text(json.dumps(saved))
+    res = train(apply_overrides(cfg, ["steps=3"]), tmp_path / "run", resume=True, progress=False)
+    assert res.step == 3
+    assert json.loads((res.checkpoint / "model_config.json").read_text())["moe"]["router"]["batch_priority"]
+
+
 def test_model_none_values_follow_the_field_types():
     # model.KEY=none is None where that field may be None (dropless), and stays text elsewhere.
     cfg = apply_overrides(get_recipe("tiny"), ["model.capacity_factor=none", "model.moe_layers=none"])

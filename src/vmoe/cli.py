@@ -167,7 +167,7 @@ def _train_config(args: argparse.Namespace) -> Any:
             pairs.append(f"{k}={v}")
     if (
         args.data is not None
-        and args.data != cfg.data
+        and not _same_data(args.data, cfg.data)
         and args.image_size is None
         and cfg.image_size is not None
     ):

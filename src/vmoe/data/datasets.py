@@ -270,6 +270,13 @@ def _check_labels(y: np.ndarray | Sequence[int], where: str, num_classes: int | 
     y = np.asarray(y).reshape(-1)
     if y.dtype == np.bool_:
         y = y.astype(np.int64)
+    if y.dtype.kind in "USO" and y.size:  # numbers stored as text (or objects): as numbers, checked below
+        try:
+            y = y.astype(np.float64)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"{where}: class labels must be integers, got {y.dtype} values such as {y[0]!r}"
+            ) from None
     if np.issubdtype(y.dtype, np.floating):
         bad = ~np.isfinite(y)
         bad[~bad] = y[~bad] != np.round(y[~bad])
@@ -311,30 +318,18 @@ _ACCEPTED_LAYOUTS = (
 )
 
 
-def _guess_layout(shape: tuple[int, ...], path: str, key: str) -> str:
-    """'channels_last' or 'channels_first' for a 4-D image array of ``shape``, else ``ValueError``.
+def _guess_layout(shape: tuple[int, ...]) -> str:
+    """'channels_last' or 'channels_first' for a 4-D image array of ``shape``.
 
-    The channel axis is the one of axes 1 and 3 that holds 1, 3 or 4 values; when both do, the
-    layout whose spatial axes are square wins; anything else is ambiguous.
+    Channels-first only when axis 1 holds 1, 3 or 4 values and the array does not also read as
+    channels-last images (axis 3 is no such count, or axes 2 and 3 are square and axes 1 and 2 are
+    not); everything else is channels-last, as Keras stores images (a ``data_format`` entry in the
+    .npz overrides the guess).
     """
     _, a, b, c = shape
-    first, last = a in _CHANNEL_COUNTS, c in _CHANNEL_COUNTS
-    if last and not first:
-        return "channels_last"
-    if first and not last:
+    if a in _CHANNEL_COUNTS and (c not in _CHANNEL_COUNTS or (b == c and a != b)):
         return "channels_first"
-    if first and last and (a == b) != (b == c):
-        return "channels_last" if a == b else "channels_first"
-    why = (
-        "neither axis 1 nor axis 3 has 1, 3 or 4 entries"
-        if not (first or last)
-        else f"it reads as {a}x{b} images with {c} channels or {b}x{c} images with {a} channels"
-    )
-    raise ValueError(
-        f"{path}: '{key}' has shape {tuple(shape)}: cannot tell where the channel axis is ({why}); "
-        f"{_ACCEPTED_LAYOUTS}; store a 'data_format' entry ('channels_last' or 'channels_first') "
-        "in the .npz to say which"
-    )
+    return "channels_last"
 
 
 def _read_data_format(z: np.lib.npyio.NpzFile, path: str) -> str | None:
@@ -358,7 +353,7 @@ def _to_nhwc(x: np.ndarray, path: str, key: str, data_format: str | None = None)
     if x.ndim == 3:
         x = x[..., None]
     elif x.ndim == 4:
-        layout = data_format or _guess_layout(x.shape, path, key)
+        layout = data_format or _guess_layout(x.shape)
         if layout == "channels_first":
             x = x.transpose(0, 2, 3, 1)
     else:

@@ -199,7 +199,7 @@ class IndexDispatcher:
     materialised (finding them costs one host synchronisation).
 
     With ``static=True`` (implies packed) the filled rows come first in a tensor of a fixed
-    ``min(E*R, N*K)`` rows, expert-major, and ``offsets`` (E,) int32 on the device holds the
+    ``min(E*R, N*K)`` rows (rounded up to a multiple of 8), expert-major, and ``offsets`` (E,) int32 on the device holds the
     cumulative row counts (the ``offs`` of ``torch._grouped_mm``): no host synchronisation. Rows
     from ``offsets[-1]`` on belong to no token; what an expert computes there is never read.
 
@@ -233,7 +233,9 @@ class IndexDispatcher:
             rank = torch.cumsum(filled, 0) - 1  # buffer row -> packed row (for the filled ones)
             if static:
                 # A fixed number of rows (no host sync): at most min(E*R, N*K) rows can be filled.
-                size = min(total, self.num_tokens * K)
+                # A multiple of 8 rows: the (8, rows) and (W, rows) operands of the gradients' grouped
+                # products stay 16-byte aligned in any layout a compiler gives them.
+                size = -(-min(total, self.num_tokens * K) // 8) * 8
                 per_expert = filled.view(self.num_experts, -1).sum(1)
                 self.offsets = torch.cumsum(per_expert, 0).to(torch.int32)  # (E,) on the device
                 dest = torch.where(filled, rank, torch.full_like(rank, size))  # empty rows -> spare slot

@@ -47,7 +47,7 @@ def effective_capacity(group_tokens: int, cfg: RouterConfig, *, warn: bool = Tru
         multiple_of=cfg.capacity_multiple_of,
         rounding=cfg.capacity_rounding,
     )
-    if warn:
+    if warn and not torch.compiler.is_compiling():  # (a warning is not traceable)
         eff = cap * cfg.num_experts / (group_tokens * cfg.num_selected)
         key = (group_tokens, cfg.num_experts, cfg.num_selected, float(cfg.capacity_factor))
         if abs(eff - cfg.capacity_factor) > 0.1 * cfg.capacity_factor and key not in _warned:

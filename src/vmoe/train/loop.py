@@ -613,6 +613,16 @@ def _as_size(v: Any) -> Any:
 _MODEL_KEYS_IGNORED_ON_RESUME = ("name",)
 
 
+def _without_routing_knobs(model_config: dict[str, Any]) -> dict[str, Any]:
+    """The config without ``batch_priority``: a routing choice, not a part of the weights (and runs of
+    the previous version saved it as false even when they trained with it)."""
+    router = (model_config.get("moe") or {}).get("router")
+    if not isinstance(router, dict) or "batch_priority" not in router:
+        return model_config
+    router = {k: v for k, v in router.items() if k != "batch_priority"}
+    return {**model_config, "moe": {**model_config["moe"], "router": router}}
+
+
 def _check_resumable(
     ckpt: Path,
     state: dict[str, Any],
@@ -621,7 +631,8 @@ def _check_resumable(
     log: Any,
 ) -> None:
     """Refuse to resume ``ckpt`` into a different model; log changed training settings."""
-    saved = state.get("model_config") or {}
+    saved = _without_routing_knobs(state.get("model_config") or {})
+    model_config = _without_routing_knobs(model_config)
     diff = sorted(
         k
         for k in set(saved) | set(model_config)
