@@ -178,6 +178,9 @@ def test_damaged_or_replaced_files_fail_their_checksum(tmp_path, capsys):
     torch.save({"step": 2, "optimizer": {}}, state)
     with pytest.raises(CheckpointError, match=re.escape(f"{state}: checksum mismatch")):
         load_checkpoint(ckpt)
+    # Evaluation reads the weights only: the training state is neither read nor checked.
+    assert load_checkpoint(ckpt, train_state=False)["train_state"] is None
+    assert vmoe.load(tmp_path / "a").training is False
     (ckpt / "SHA256SUMS").unlink()  # checkpoints written before checksums still load
     assert load_checkpoint(ckpt)["train_state"]["step"] == 2
 

@@ -278,15 +278,15 @@ def _load_for_eval(
     checkpoint: str, data: str | None, device: str, max_images: int | None = None, progress: bool = True
 ) -> tuple:
     from vmoe.data import DatasetInfo, load_dataset
-    from vmoe.train.checkpoint import CheckpointError, load, load_checkpoint
+    from vmoe.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
     from vmoe.train.loop import resolve_device
 
     _check_device(device)
     dev = resolve_device(device)
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint, train_state=False)  # the weights and configs, read once
     tc = _checkpoint_json(ck, "train_config", "train_config.json") or {}
     d = _checkpoint_json(ck, "data_info", "data_info.json")
-    model = load(ck["path"], map_location=dev)
+    model = model_from_checkpoint(ck, dev)
     stored = tc.get("data")
     spec = data or stored
     if spec is None:

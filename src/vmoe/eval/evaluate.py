@@ -98,7 +98,8 @@ def evaluate(
     Returns:
         ``accuracy``, ``loss``, ``num_images``, ``gflops_per_image`` (realised: expert work of the
         (token, expert) assignments actually processed), ``dropped_fraction`` (share of the
-        images' (token, expert) assignments dropped, mean over MoE layers), and with ``per_image`` the (N,) tensors ``correct``, ``gflops``, ``assignments``.
+        images' (token, expert) assignments dropped, mean over MoE layers), and with
+        ``per_image`` the (N,) tensors ``correct``, ``gflops``, ``assignments``.
     """
     from vmoe.data import eval_transform
     from vmoe.models.flops import realized_flops_per_image

@@ -237,7 +237,7 @@ def load_dense_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch
     if p.is_dir():
         from vmoe.train.checkpoint import load_checkpoint
 
-        ck = load_checkpoint(p)
+        ck = load_checkpoint(p, train_state=False)  # the weights only
         return ck["state_dict"], {"model_config": ck["model_config"], "data_info": ck["data_info"]}
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file

@@ -199,9 +199,10 @@ class IndexDispatcher:
     materialised (finding them costs one host synchronisation).
 
     With ``static=True`` (implies packed) the filled rows come first in a tensor of a fixed
-    ``min(E*R, N*K)`` rows (rounded up to a multiple of 8), expert-major, and ``offsets`` (E,) int32 on the device holds the
-    cumulative row counts (the ``offs`` of ``torch._grouped_mm``): no host synchronisation. Rows
-    from ``offsets[-1]`` on belong to no token; what an expert computes there is never read.
+    ``min(E*R, N*K)`` rows (rounded up to a multiple of 8), expert-major, and ``offsets`` (E,)
+    int32 on the device holds the cumulative row counts (the ``offs`` of ``torch._grouped_mm``):
+    no host synchronisation. Rows from ``offsets[-1]`` on belong to no token; what an expert
+    computes there is never read.
 
     Args:
         routings: the chunks' routing plans, each with fields (G_c, S_c, K), in token order.

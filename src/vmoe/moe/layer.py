@@ -140,11 +140,13 @@ class MoEMlp(nn.Module):
             tokens = self.experts.grouped_rows_input(tokens)  # (N, D + 8): a ones column carries b1
         buffers = dispatcher.dispatch(tokens)  # (E, R, D), or (rows, D) packed
         rows = None
+        row_experts = dispatcher.row_experts() if grouped else None  # (rows,): b2 by row, dropout ids
         offset = rng.image_offset() if self.training and self.experts.p > 0 else None
         if offset is not None:
             # Global id of each (token, expert) assignment: layout-independent dropout masks.
             if isinstance(dispatcher, IndexDispatcher):
-                tok, expert = dispatcher.row_tokens(), dispatcher.row_experts()
+                tok = dispatcher.row_tokens()
+                expert = row_experts if row_experts is not None else dispatcher.row_experts()
             else:
                 tok = dispatcher.buffer_tokens()  # (E, R), -1 for empty slots
                 expert = torch.arange(self.num_experts, device=x.device).view(-1, 1)
@@ -154,7 +156,8 @@ class MoEMlp(nn.Module):
                 rows = rows.view(self.num_experts, -1)
         if grouped:
             assert isinstance(dispatcher, IndexDispatcher) and dispatcher.offsets is not None
-            y = self.experts.forward_grouped_rows(buffers, dispatcher.offsets, dispatcher.row_experts(), rows)
+            assert row_experts is not None
+            y = self.experts.forward_grouped_rows(buffers, dispatcher.offsets, row_experts, rows)
         elif packed:
             assert isinstance(dispatcher, IndexDispatcher) and dispatcher.counts is not None
             y = self.experts.forward_rows(buffers, dispatcher.counts, rows)

@@ -40,6 +40,7 @@ __all__ = [
     "load_checkpoint",
     "load_model_weights",
     "load_optimizer_state",
+    "model_from_checkpoint",
     "resolve_checkpoint",
     "save_checkpoint",
 ]
@@ -182,12 +183,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", train_state: bool = True
 ) -> dict[str, Any]:
     """Read a checkpoint (or a run's newest) into a dict.
 
     Keys: ``path``, ``state_dict``, ``model_config``, ``train_config`` (or None), ``data_info``
-    (or None), ``train_state`` (or None), ``step``.
+    (or None), ``train_state`` (or None; not read with ``train_state=False``: evaluation needs
+    the weights only), ``step``.
 
     Raises :class:`CheckpointError` naming the file for a missing or corrupt file.
     """
@@ -208,7 +210,7 @@ def load_checkpoint(
         "train_state": None,
     }
     ts = ckpt / "train_state.pt"
-    if ts.exists():
+    if train_state and ts.exists():
         _verify(ckpt, ts.name)
         try:
             out["train_state"] = torch.load(ts, map_location=map_location, weights_only=False)
@@ -227,10 +229,16 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device = "cp
         model = vmoe.load("runs/digits")      # the newest checkpoint of the run
         logits, aux = model(images)
     """
+    return model_from_checkpoint(
+        load_checkpoint(path, map_location=map_location, train_state=False), map_location
+    )
+
+
+def model_from_checkpoint(ck: dict[str, Any], map_location: str | torch.device = "cpu") -> nn.Module:
+    """The model of a checkpoint already read by :func:`load_checkpoint`, with its weights, in eval mode."""
     from vmoe.config import ModelConfig
     from vmoe.models import build_model
 
-    ck = load_checkpoint(path, map_location=map_location)
     try:
         cfg = ModelConfig.from_dict(ck["model_config"])
     except (TypeError, ValueError) as e:
