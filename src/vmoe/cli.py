@@ -397,10 +397,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.out:
-        _check_out_dir(args.out)
+        _check_out_dir(args.out)  # before the (slow) loading
     model, test, info, dev, ck = _load_for_eval(args.checkpoint, args.data, args.device)
     out = Path(args.out) if args.out else Path(ck["path"]).parent.parent / "analysis"
-    _check_out_dir(out)
+    if not args.out:
+        _check_out_dir(out)
     summary = analyze(
         model,
         test,
