@@ -187,7 +187,12 @@ class _GroupedRowsMlp(torch.autograd.Function):
         h = gmm(x, _with_bias_row(w1, b1), offs=offsets)  # (T, M)
         a = activation(h, act)
         out = gmm(a, w2, offs=offsets)
-        out += b2.index_select(0, experts)
+        if torch.compiler.is_compiling():
+            # Out of place when traced: with torch 2.11, an in-place add to this Function's output
+            # under torch.compile gives all-zero gradients for every input, silently (any backend).
+            out = out + b2.index_select(0, experts)
+        else:
+            out += b2.index_select(0, experts)
         ctx.act = act
         ctx.save_for_backward(x, h, a, w1, b1, w2, offsets)
         return out
