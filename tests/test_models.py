@@ -289,6 +289,28 @@ def test_positional_rng_reproducible_and_layout_independent():
         assert torch.equal(per_image, aux_a["layers"][i]["assignments_per_image"])
 
 
+def test_compiled_model_trains_like_eager():
+    # `vmoe train --compile`: torch.compile of a whole V-MoE in a training step (router noise, expert
+    # dropout under the positional RNG, aux losses) gives eager's logits, loss and every gradient. Backend
+    # aot_eager: the same dynamo + AOTAutograd tracing as inductor, without its kernel compilation.
+    torch.manual_seed(0)
+    model = vmoe.create_model("vmoe_ti", image_size=16, dropout=0.1, group_size=2).train()
+    _randomize_head(model)
+    x, labels = _images(4, 16), torch.tensor([0, 3, 5, 9])
+    results = []
+    for fn in (torch.compile(model, backend="aot_eager"), model):
+        with rng.positional_rng(7):  # router noise and dropout masks by position, as the trainer runs
+            logits, aux = fn(x)
+        loss = torch.nn.functional.cross_entropy(logits, labels) + aux["aux_loss"]
+        loss.backward()
+        results.append([logits.detach(), loss.detach(), *(p.grad.clone() for p in model.parameters())])
+        model.zero_grad()
+    compiled, eager = results
+    assert sum(int(bool(g.any())) for g in eager[2:]) > len(eager) // 2  # most gradients are nonzero
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- routing knobs
 def _assignments(model, x, block=None):
     with torch.no_grad():
