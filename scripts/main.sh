@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/vmoe demo --out "${1:-report}" "${@:2}"
+exec "${VMOE_VENV:-.venv}"/bin/vmoe demo --out "${1:-report}" "${@:2}"

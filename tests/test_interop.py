@@ -12,6 +12,9 @@ import vmoe
 from vmoe.interop import upcycle, upcycle_checkpoint
 from vmoe.train.checkpoint import save_checkpoint
 
+# Most tests upcycle from a bare state dict on purpose; test_act_mismatch_warns checks the warning itself.
+pytestmark = pytest.mark.filterwarnings("ignore:the dense weights do not say which activation:UserWarning")
+
 TINY = dict(num_layers=4, hidden_size=32, mlp_dim=64, num_heads=2, image_size=16, patch_size=4, num_classes=5)
 
 
