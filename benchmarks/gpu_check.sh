@@ -84,7 +84,8 @@ timeout 125 "$PY" benchmarks/train_throughput.py "${TRAIN_ARGS[@]}" --json "$OUT
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 if [ -n "$tutel_pid" ]; then
     # The build must import, and on the GPU be a CUDA build (its kernel module then has inject_source).
-    probe='import tutel_custom_kernel as k; from tutel import moe; import os, sys; '
+    # torch first: the extension finds libc10.so only once torch has loaded it (torch 2.11's CUDA wheel).
+    probe='import torch, tutel_custom_kernel as k; from tutel import moe; import os, sys; '
     probe+='sys.exit(os.environ["VMOE_CHECK_DEVICE"] == "cuda" and not hasattr(k, "inject_source"))'
     if wait "$tutel_pid" && PYTHONPATH="$TUTEL_DIR/site:$PYTHONPATH" VMOE_CHECK_DEVICE="$DEVICE" \
         "$PY" -c "$probe" >>"$OUT/tutel_build.log" 2>&1; then
