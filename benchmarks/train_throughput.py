@@ -46,6 +46,21 @@ def _timm_model(name: str, image_size: int, num_classes: int, **kw: Any) -> Any:
         return None
 
 
+def _timm_kwargs(name: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """timm ViT overrides that give the architecture of our dense model ``name`` (depth, width,
+    heads, MLP ratio, patch): timm's ``vit_tiny`` has 12 blocks, our ``vit_ti`` 6, for example."""
+    from vmoe.models import get_config
+
+    cfg = get_config(name, **kw)
+    return {
+        "depth": cfg.num_layers,
+        "embed_dim": cfg.hidden_size,
+        "num_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_dim / cfg.hidden_size,
+        "patch_size": cfg.patch_size,
+    }
+
+
 def _step_fn(
     model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, amp: Any
 ) -> Any:
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             ("vmoe_b16", {"num_experts": 8, "representation_size": None}),
             ("vmoe_b16", {"num_experts": 32, "representation_size": None}),
         ]
-        timm_name, timm_kw = "vit_base_patch16_224", {}
+        timm_name = "vit_base_patch16_224"
     else:
         image, batch, classes = (
             (16, args.batch_size or 8, 10) if args.small else (32, args.batch_size or 64, 10)
@@ -124,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             ("vmoe_ti", {"patch_size": 4, "num_experts": 8, **small}),
             ("vmoe_ti", {"patch_size": 4, "num_experts": 32, **small}),
         ]
-        timm_name, timm_kw = "vit_tiny_patch16_224", {"patch_size": 4}
+        timm_name = "vit_tiny_patch16_224"
 
     impls = [i for i in args.impls.split(",") if i]
     extra = [
@@ -167,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, kw in ours:
         run(name, kw)
     if not args.small:  # the reference right after our default rows, before the extra implementations
-        tm = _timm_model(timm_name, image, classes, **timm_kw)
-        if tm is not None:  # same architecture as our dense row, so the same FLOPs
+        tm = _timm_model(timm_name, image, classes, **_timm_kwargs(*ours[0]))
+        if tm is not None:  # the architecture of our dense row, so the same FLOPs
             ref = next(r for r in rows if r["name"].startswith("vit_"))
             gflops = ref["gflops_per_image"] * 1e9
             rows.append(

@@ -46,3 +46,38 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
         assert {"floor", "vmoe", "vmoe_grouped_mm", "vmoe_grouped_mm_fwd"} <= {
             r["name"] for r in dropless["results"]
         }
+
+
+def _train_throughput_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_train_throughput", ROOT / "benchmarks" / "train_throughput.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_DENSE = [("vit_ti", {"patch_size": 4}, 32, 6, 192, 4), ("vit_b16", {}, 224, 12, 768, 16)]
+
+
+@pytest.mark.parametrize("name, kw, image, depth, width, patch", _DENSE)
+def test_timm_reference_kwargs_follow_our_dense_config(name, kw, image, depth, width, patch):
+    # The efficiency reference is timm's ViT built with our dense row's depth, width, heads, MLP and patch
+    # (timm's vit_tiny has 12 blocks, our vit_ti 6: the default would have halved the CPU efficiencies).
+    tkw = _train_throughput_module()._timm_kwargs(name, kw)
+    assert (tkw["depth"], tkw["embed_dim"], tkw["patch_size"], tkw["mlp_ratio"]) == (depth, width, patch, 4.0)
+    assert tkw["num_heads"] == width // 64
+
+
+@pytest.mark.parametrize("name, kw, image, depth, width, patch", _DENSE)
+def test_timm_reference_has_our_parameter_count(name, kw, image, depth, width, patch):
+    pytest.importorskip("timm", reason="timm is an optional extra (the GPU machine has it)")
+    import vmoe
+
+    mod = _train_throughput_module()
+    timm_name = "vit_tiny_patch16_224" if name == "vit_ti" else "vit_base_patch16_224"
+    tm = mod._timm_model(timm_name, image, 1000, **mod._timm_kwargs(name, kw))
+    ours = vmoe.create_model(name, image_size=image, num_classes=1000, **kw)
+    assert sum(p.numel() for p in tm.parameters()) == sum(p.numel() for p in ours.parameters())
