@@ -220,6 +220,43 @@ def test_fresh_start_does_not_keep_records_of_an_attempt_without_checkpoint(tmp_
     assert all(r.get("loss") != 9.0 for r in read_metrics(run))
 
 
+def _tensorboard_scalars(run: Path, tag: str) -> dict[int, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    out: dict[int, list[float]] = {}
+    for ev in acc.Scalars(tag):
+        out.setdefault(ev.step, []).append(ev.value)
+    return out
+
+
+def test_tensorboard_events_follow_metrics_across_a_crash_and_resume(tmp_path):
+    # With tensorboard installed, the run writes the numbers of metrics.jsonl as scalars. A crash after the
+    # last checkpoint (here: the later checkpoints removed) replays steps on resume; TensorBoard then shows
+    # each step once, as metrics.jsonl does (without purging, steps 4-7 and the final evaluation twice).
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra (in the dev extra)")
+    import shutil
+
+    run = tmp_path / "run"
+    cfg = tiny_cfg("steps=7", "checkpoint_every=3", "keep_checkpoints=5")
+    train(cfg, run, progress=False)
+    assert sorted(_tensorboard_scalars(run, "loss")) == list(range(1, 8))
+    for step in (6, 7):  # as if the process died right after step 7's records, before any later save
+        shutil.rmtree(run / "checkpoints" / f"step_{step:08d}")
+    train(cfg, run, resume=True, progress=False)
+    tb, jl = _tensorboard_scalars(run, "loss"), step_losses(run)
+    assert sorted(tb) == sorted(jl) == list(range(1, 8))
+    for step, values in tb.items():
+        assert len(values) == 1, (step, values)  # the lost attempt's events are purged
+        assert values[0] == pytest.approx(jl[step], rel=1e-6)
+    assert {s: len(v) for s, v in _tensorboard_scalars(run, "accuracy").items()} == {7: 1}
+    # Resuming the finished run evaluates once more: still one final evaluation in both.
+    train(cfg, run, resume=True, progress=False)
+    assert {s: len(v) for s, v in _tensorboard_scalars(run, "accuracy").items()} == {7: 1}
+    assert sum("accuracy" in r for r in read_metrics(run)) == 1
+
+
 def test_run_length_is_steps_or_epochs():
     tiny = get_recipe("tiny")
     assert tiny.steps is not None

@@ -144,9 +144,16 @@ class _SignalFlag:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` (flushed), optionally TensorBoard."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed), and the numbers to TensorBoard
+    (``tensorboard/`` next to it) when tensorboard is installed.
 
-    def __init__(self, path: Path, enabled: bool, tensorboard: bool = True) -> None:
+    ``purge_step``: TensorBoard hides the events of earlier attempts from this step on (0: a fresh
+    start; after a resume, the steps that run again), as ``metrics.jsonl`` is truncated.
+    """
+
+    def __init__(
+        self, path: Path, enabled: bool, tensorboard: bool = True, purge_step: int | None = None
+    ) -> None:
         self.path = path
         self.enabled = enabled
         self.fh = open(path, "a") if enabled else None  # noqa: SIM115
@@ -154,10 +161,9 @@ class MetricsWriter:
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
             except Exception:  # tensorboard not installed
-                self.tb = None
+                return
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled or self.fh is None:
@@ -297,6 +303,7 @@ class Trainer:
         self.step = 0
         self.checkpoint_path: Path | None = None
         self.resumed_loss = float("nan")  # the last training loss logged before a resume
+        self.purge_step = 0  # TensorBoard: events of earlier attempts from this step on are hidden
 
         ckpt = latest_checkpoint(self.out) if self.out.exists() else None
         state = None
@@ -353,6 +360,7 @@ class Trainer:
             if state is not None:
                 final = self.step >= self.total_steps
                 self.resumed_loss = _truncate_metrics(self.out / "metrics.jsonl", self.step, final=final)
+                self.purge_step = self.step if final else self.step + 1  # (the final evaluation runs again)
             else:  # a fresh start: no records of an earlier attempt that left no checkpoint
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
             (self.out / "config.json").write_text(
@@ -514,7 +522,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        writer = MetricsWriter(self.out / "metrics.jsonl", enabled=self.is_main)
+        writer = MetricsWriter(self.out / "metrics.jsonl", enabled=self.is_main, purge_step=self.purge_step)
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
