@@ -583,22 +583,19 @@ def throughput_benchmark(cfg: TrainConfig, device: torch.device, batch: int) -> 
     mo = cfg.model_overrides
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
+    bench = _throughput_benchmark()
+    common = {k: mo[k] for k in ("patch_size", "num_layers", "hidden_size", "mlp_dim", "num_heads")}
     models = {}
-    try:
+    try:  # timm's ViT with our dense model's depth, width, heads, MLP ratio and patch
         models["timm vit (same shape)"] = timm.create_model(
             "vit_tiny_patch16_224",
             pretrained=False,
             num_classes=10,
             img_size=32,
-            patch_size=mo["patch_size"],
-            embed_dim=mo["hidden_size"],
-            depth=mo["num_layers"],
-            num_heads=mo["num_heads"],
-            mlp_ratio=mo["mlp_dim"] / mo["hidden_size"],
+            **bench._timm_kwargs("vit_ti", common),
         )
     except Exception as e:
         return {"skipped": f"timm model failed: {e}"}
-    common = {k: mo[k] for k in ("patch_size", "num_layers", "hidden_size", "mlp_dim", "num_heads")}
     models["vmoe vit_ti"] = vmoe.create_model("vit_ti", num_classes=10, image_size=32, **common)
     models["vmoe vmoe_ti k=2"] = vmoe.create_model(
         "vmoe_ti",
@@ -618,7 +615,6 @@ def throughput_benchmark(cfg: TrainConfig, device: torch.device, batch: int) -> 
         capacity_factor=1.05,
         **common,
     )
-    bench = _throughput_benchmark()
     amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
     rows = {}
     for name, m in models.items():
