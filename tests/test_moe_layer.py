@@ -156,6 +156,26 @@ def test_einsum_and_index_backends_agree(B, group_size, bpr, training):
     _check_dispatch_autograd(routings, xf)
 
 
+def _packed_buffer_rows(d: IndexDispatcher, full: IndexDispatcher) -> torch.Tensor:
+    """(F,) the buffer row of each of a packed dispatcher's rows (matched by (expert, token), which is
+    unique), after checking that the rows follow ``d.slabs``: slab by slab, each expert's rows in its
+    buffer order, and that they are exactly the filled buffer rows."""
+    N = full.num_tokens
+    tok, exp = full.row_tokens(), full.row_experts()
+    filled = (tok >= 0).nonzero()[:, 0]
+    key_full = exp[filled] * N + tok[filled]
+    key = d.row_experts() * N + d.row_tokens()
+    assert (d.row_tokens() >= 0).all() and sorted(key.tolist()) == sorted(key_full.tolist())
+    where = {k: int(r) for k, r in zip(key_full.tolist(), filled)}
+    source = torch.tensor([where[k] for k in key.tolist()], dtype=torch.int64)
+    want_experts = [e + j for e, w, m in d.slabs for j in range(w) for _ in range(m)]
+    assert d.row_experts().tolist() == want_experts
+    for e in range(full.num_experts):  # each expert's rows in buffer order
+        mine = source[d.row_experts() == e]
+        assert bool((mine[1:] > mine[:-1]).all())
+    return source
+
+
 def _check_dispatch_autograd(routings, xf: torch.Tensor) -> None:
     results = []
     for make in (
@@ -163,6 +183,8 @@ def _check_dispatch_autograd(routings, xf: torch.Tensor) -> None:
         lambda rs: IndexDispatcher(rs, pad=False),
         EinsumDispatcher,
         lambda rs: IndexDispatcher(rs, packed=True),  # filled rows only: same outputs and gradients
+        lambda rs: IndexDispatcher(rs, packed=True, slab_width=2),  # ... in pairs of experts
+        lambda rs: IndexDispatcher(rs, packed=True, slab_width=3),
     ):
         xi = xf.clone().requires_grad_(True)
         w = torch.cat([r.weights.reshape(-1, r.num_selected) for r in routings]).clone().requires_grad_(True)
@@ -177,17 +199,11 @@ def _check_dispatch_autograd(routings, xf: torch.Tensor) -> None:
         y = torch.tanh(buf) * 2 + 1  # nonzero in empty rows: combine must ignore them
         out = d.combine(y)
         gout = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-        if getattr(d, "packed", False):  # (F, D): the filled buffer rows, in buffer order
+        if getattr(d, "packed", False):  # (F, D): the filled buffer rows, laid out in d.slabs
             full = IndexDispatcher(chunks)
-            filled = full.buffer_tokens().reshape(-1) >= 0
             assert d.counts == full.buffer_tokens().ge(0).sum(1).tolist()
-            assert torch.equal(d.row_tokens(), full.row_tokens()[filled])
-            assert torch.equal(d.row_experts(), full.row_experts()[filled])
-            buf = (
-                torch.zeros_like(full.dispatch(xi))
-                .view(-1, buf.shape[1])
-                .index_copy(0, filled.nonzero()[:, 0], buf)
-            )
+            source = _packed_buffer_rows(d, full)
+            buf = torch.zeros_like(full.dispatch(xi)).view(-1, buf.shape[1]).index_copy(0, source, buf)
             buf = buf.view(full.num_experts, full.rows_per_expert, -1)
         results.append((buf.detach(), out.detach(), *torch.autograd.grad(out, [xi, w], gout)))
     for other in results[1:]:
@@ -225,29 +241,70 @@ def test_experts_impls_equal_batched(impl, dropout):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_experts_forward_rows_equal_batched_on_filled_rows(dropout):
-    # The packed path: forward_rows over the filled rows only (an expert without rows included) equals
-    # the batched buffers on those rows, with the same dropout masks and gradients.
+@pytest.mark.parametrize("width", [1, 2])
+def test_experts_forward_rows_equal_batched_on_filled_rows(dropout, width):
+    # The packed path: forward_rows over the filled rows only (an expert without rows included; in
+    # slabs of `width` experts) equals the batched buffers on those rows, with the same dropout masks
+    # and gradients.
+    from vmoe.moe import expert_slabs
+
     torch.manual_seed(0)
-    ex = Experts(3, 8, 16, dropout=dropout, init="independent").double()
-    buf = torch.randn(3, 5, 8, dtype=torch.float64)
-    filled = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    index, counts = filled.reshape(-1).nonzero()[:, 0], filled.sum(1).tolist()
-    rows = torch.arange(15).view(3, 5)
+    ex = Experts(4, 8, 16, dropout=dropout, init="independent").double()
+    buf = torch.randn(4, 5, 8, dtype=torch.float64)
+    filled = torch.tensor(
+        [[1, 1, 0, 1, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 1, 0, 1, 0]], dtype=torch.bool
+    )
+    counts = filled.sum(1).tolist()
+    slabs = expert_slabs(counts, width)
+    per_expert = [r.nonzero()[:, 0].add(5 * e).tolist() for e, r in enumerate(filled)]
+    index = []  # buffer row of each packed row, slab by slab
+    for e, w, m in slabs:
+        for j in range(e, e + w):
+            index += per_expert[j][:m]
+            per_expert[j] = per_expert[j][m:]
+    index = torch.tensor(index)
+    rows = torch.arange(20).view(4, 5)
     b = buf.clone().requires_grad_(True)
     ex.impl = "bmm"
     with rng.positional_rng(seed=1):
-        y_buf = ex(b, rows).reshape(15, 8)[index]
+        y_buf = ex(b, rows).reshape(20, 8)[index]
     want = (y_buf, *torch.autograd.grad(y_buf.square().sum(), [b, *ex.parameters()]))
     b = buf.clone().requires_grad_(True)
     with rng.positional_rng(seed=1):
-        y_rows = ex.forward_rows(b.reshape(15, 8)[index], counts, rows.reshape(-1)[index])
+        y_rows = ex.forward_rows(b.reshape(20, 8)[index], counts, rows.reshape(-1)[index], slabs)
     got = (y_rows, *torch.autograd.grad(y_rows.square().sum(), [b, *ex.parameters()]))
     assert y_rows.shape == (int(filled.sum()), 8)
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="counts summing to 5"):
-        ex.forward_rows(buf.reshape(15, 8), [2, 0, 3])
+        ex.forward_rows(buf.reshape(20, 8), [2, 0, 3, 0])
+
+
+def test_expert_slabs_hand_computed():
+    from vmoe.moe import expert_slabs
+
+    counts = [3, 5, 0, 2, 4]
+    assert expert_slabs(counts) == [(0, 1, 3), (1, 1, 5), (3, 1, 2), (4, 1, 4)]  # expert-major
+    # pairs (0, 1) (2, 3) (4): the smaller count of each pair batched, then the rest of the larger
+    assert expert_slabs(counts, 2) == [(0, 2, 3), (1, 1, 2), (3, 1, 2), (4, 1, 4)]
+    assert expert_slabs(counts, 3) == [(0, 1, 3), (1, 1, 5), (3, 2, 2), (4, 1, 2)]
+    assert expert_slabs([4, 4, 4, 4], 2) == [(0, 2, 4), (2, 2, 4)]  # equal counts: expert-major rows
+    assert expert_slabs([0, 0], 2) == []
+    with pytest.raises(ValueError, match="slab width must be >= 1, got 0"):
+        expert_slabs(counts, 0)
+
+
+def test_forward_rows_rejects_bad_slabs():
+    ex = Experts(3, 4, 6)
+    x = torch.zeros(5, 4)
+    with pytest.raises(
+        ValueError, match=r"slabs hold \[2, 2, 0\] rows per expert, expected the counts \[2, 0, 3\]"
+    ):
+        ex.forward_rows(x, [2, 0, 3], slabs=[(0, 2, 2)])
+    with pytest.raises(ValueError, match=r"bad slab \(2, 2, 1\) for 3 experts"):
+        ex.forward_rows(x, [2, 0, 3], slabs=[(0, 1, 2), (2, 2, 1)])
+    with pytest.raises(ValueError, match=r"bad slab \(0, 2, 1\)"):  # expert 0's later rows with 1's first
+        ex.forward_rows(torch.zeros(4, 4), [2, 1, 1], slabs=[(0, 1, 1), (0, 2, 1), (2, 1, 1)])
 
 
 def test_experts_impl_validation():
@@ -295,45 +352,53 @@ def test_auto_packs_mostly_empty_buffers_off_the_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("act", ["gelu_tanh", "gelu", "relu"])
-def test_grouped_mlp_matches_per_expert_autograd(act):
-    # The hand-written forward/backward over packed segments (one expert without rows)
-    # against plain autograd on per-expert slices, and torch.autograd.gradcheck in float64.
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_grouped_mlp_matches_per_expert_autograd(act, width):
+    # The hand-written forward/backward over packed slabs (an expert without rows; with width > 1,
+    # batched slabs and experts whose rows span two slabs) against plain autograd on per-expert
+    # slices, and torch.autograd.gradcheck in float64.
     from vmoe.layers import activation
-    from vmoe.moe.experts import _GroupedMlp
+    from vmoe.moe.experts import _GroupedMlp, expert_slabs
 
     torch.manual_seed(0)
-    E, D, M, counts = 3, 4, 5, [2, 0, 3]
+    E, D, M, counts = 5, 4, 5, [2, 4, 0, 3, 3]
+    slabs = expert_slabs(counts, width)
+    assert width == 1 or any(w > 1 for _, w, _ in slabs)
     w1, b1, w2, b2 = (
         torch.randn(*s, dtype=torch.float64, requires_grad=True)
         for s in ((E, D, M), (E, M), (E, M, D), (E, D))
     )
     x = torch.randn(sum(counts), D, dtype=torch.float64, requires_grad=True)
-    y = _GroupedMlp.apply(x, w1, b1, w2, b2, counts, act)
+    y = _GroupedMlp.apply(x, w1, b1, w2, b2, slabs, act)
     parts, start = [], 0
-    for e, n in enumerate(counts):
-        xe = x[start : start + n]
-        start += n
-        parts.append(activation(xe @ w1[e] + b1[e], act) @ w2[e] + b2[e])
+    for e, w, m in slabs:  # runs of one expert's rows, in slab order
+        for j in range(e, e + w):
+            xe = x[start : start + m]
+            start += m
+            parts.append(activation(xe @ w1[j] + b1[j], act) @ w2[j] + b2[j])
     ref = torch.cat(parts)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(y)
     inputs = [x, w1, b1, w2, b2]
-    for a, b in zip(
-        torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g, retain_graph=True)
-    ):
+    got = torch.autograd.grad(y, inputs, g)
+    assert not got[1][2].any() and not got[3][2].any()  # the expert without rows
+    for a, b in zip(got, torch.autograd.grad(ref, inputs, g, retain_graph=True)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda *t: _GroupedMlp.apply(*t, counts, act), tuple(inputs))
+    assert torch.autograd.gradcheck(lambda *t: _GroupedMlp.apply(*t, slabs, act), tuple(inputs))
     # Only some inputs needing gradients (e.g. frozen experts): the others come back as None.
     w1.requires_grad_(False)
     x2 = x.detach()
-    gw2 = torch.autograd.grad(_GroupedMlp.apply(x2, w1, b1, w2, b2, counts, act), [w2], g)[0]
+    gw2 = torch.autograd.grad(_GroupedMlp.apply(x2, w1, b1, w2, b2, slabs, act), [w2], g)[0]
     torch.testing.assert_close(gw2, torch.autograd.grad(ref, [w2], g)[0], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("impl", ["packed", "loop", "bmm"])
-def test_layer_experts_impls_agree(impl):
-    layer = _layer(E=4, C=0.75, group_size=2)
-    ref = _layer(E=4, C=0.75, group_size=2, dispatch="einsum")
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_layer_experts_impls_agree(impl, width, monkeypatch):
+    # Every impl, with packed rows in slabs of 1-3 experts (the CPU picks 2 with >= 2 threads).
+    monkeypatch.setattr(Experts, "slab_width", lambda self, device: width)
+    layer = _layer(E=5, C=0.75, group_size=2)
+    ref = _layer(E=5, C=0.75, group_size=2, dispatch="einsum")
     ref.load_state_dict(layer.state_dict())
     layer.experts.impl = impl
     ref.experts.impl = "bmm" if impl != "bmm" else "packed"
@@ -345,9 +410,12 @@ def test_layer_experts_impls_agree(impl):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_layer_packed_rows_with_dropout_match_buffers():
-    # Packed dispatch (filled rows only) and capacity buffers give the same outputs and gradients in
-    # training with expert dropout: the masks are functions of each assignment's global id.
+@pytest.mark.parametrize("width", [1, 2])
+def test_layer_packed_rows_with_dropout_match_buffers(width, monkeypatch):
+    # Packed dispatch (filled rows only, in slabs of `width` experts) and capacity buffers give the same
+    # outputs and gradients in training with expert dropout: the masks are functions of each
+    # assignment's global id.
+    monkeypatch.setattr(Experts, "slab_width", lambda self, device: width)
     layer = _layer(E=4, C=0.75, group_size=2)
     layer.experts.p = 0.3
     ref = _layer(E=4, C=0.75, group_size=2)

@@ -1,7 +1,7 @@
 """The MoE core: routing math, router, dispatch backends, experts and the MoE layer."""
 
 from vmoe.moe.dispatch import Dispatcher, EinsumDispatcher, IndexDispatcher, make_dispatcher
-from vmoe.moe.experts import Experts
+from vmoe.moe.experts import Experts, Slab, expert_slabs
 from vmoe.moe.layer import ExpertComm, MoEMlp, routing_chunks
 from vmoe.moe.router import RouterOutput, TopKRouter, effective_capacity
 from vmoe.moe.routing import (
@@ -23,9 +23,11 @@ __all__ = [
     "MoEMlp",
     "RouterOutput",
     "Routing",
+    "Slab",
     "TopKRouter",
     "compute_capacity",
     "effective_capacity",
+    "expert_slabs",
     "gshard_loss",
     "importance_loss",
     "load_loss",

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from vmoe.layers import prefer_static_shapes
+from vmoe.moe.experts import Slab, expert_slabs
 from vmoe.moe.routing import Routing
 
 __all__ = ["Dispatcher", "EinsumDispatcher", "IndexDispatcher", "make_dispatcher"]
@@ -138,6 +139,32 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor, chunk: int = 16384) -> torch.Ten
     return out
 
 
+def _slab_order(
+    counts: list[int], slabs: list[Slab], device: torch.device
+) -> tuple[torch.Tensor | None, tuple[list[int], list[int]]]:
+    """Where the rows of ``slabs`` come from in the expert-major packed rows.
+
+    Returns ``order`` ((F,) int64: the expert-major row of each slab row; None when the slabs are
+    expert-major) and the runs of one expert's rows in slab order, ``(experts, lengths)``.
+    """
+    begin = [0] * len(counts)  # next expert-major row of each expert
+    for e in range(1, len(counts)):
+        begin[e] = begin[e - 1] + counts[e - 1]
+    experts, starts, lengths = [], [], []
+    for e0, w, m in slabs:
+        for e in range(e0, e0 + w):
+            experts.append(e)
+            starts.append(begin[e])
+            lengths.append(m)
+            begin[e] += m
+    if all(w == 1 for _, w, _ in slabs):
+        return None, (experts, lengths)
+    length = torch.tensor(lengths, dtype=torch.int64, device=device)
+    shift = torch.tensor(starts, dtype=torch.int64, device=device) - (torch.cumsum(length, 0) - length)
+    order = torch.repeat_interleave(shift, length) + torch.arange(sum(lengths), device=device)
+    return order, (experts, lengths)
+
+
 class _Dispatch(torch.autograd.Function):
     """buffers = tokens gathered into rows; its adjoint is again a gather (each token's K rows)."""
 
@@ -193,10 +220,11 @@ class IndexDispatcher:
     rows" is "row -> its token" and vice versa, so no scatter-add (slow and serial on the CPU,
     non-deterministic on CUDA) is ever run.
 
-    With ``packed=True`` the rows are only the *filled* buffer rows, expert-major in buffer order:
-    ``dispatch`` returns (F, D) with ``counts[e]`` rows for expert e and ``combine`` takes (F, D).
-    The same tokens are kept in the same slots; the empty capacity slots are simply never
-    materialised (finding them costs one host synchronisation).
+    With ``packed=True`` the rows are only the *filled* buffer rows: ``dispatch`` returns (F, D)
+    with ``counts[e]`` rows for expert e and ``combine`` takes (F, D). The same tokens are kept in
+    the same slots; the empty capacity slots are simply never materialised (finding them costs one
+    host synchronisation). The rows are laid out in ``slabs`` (:func:`vmoe.moe.expert_slabs` with
+    ``slab_width``; width 1: expert-major), each expert's in buffer order.
 
     With ``static=True`` (implies packed) the filled rows come first in a tensor of a fixed
     ``min(E*R, N*K)`` rows (rounded up to a multiple of 8), expert-major, and ``offsets`` (E,)
@@ -210,6 +238,8 @@ class IndexDispatcher:
             compiled.
         packed: keep only the filled rows (see above).
         static: packed rows in a fixed-size tensor, with device offsets (see above).
+        slab_width: experts per slab of packed rows (``packed`` only; see
+            :meth:`vmoe.moe.Experts.slab_width`).
     """
 
     def __init__(
@@ -219,6 +249,7 @@ class IndexDispatcher:
         pad: bool | None = None,
         packed: bool = False,
         static: bool = False,
+        slab_width: int = 1,
     ) -> None:
         self.num_experts, self.rows_per_expert, _offsets = _layout(routings)
         self.packed = packed or static
@@ -228,6 +259,8 @@ class IndexDispatcher:
         total = self.num_experts * self.rows_per_expert
         row_assign = _row_assignments(positions, total)  # (E*R,), N*K where empty
         self.counts: list[int] | None = None
+        self.slabs: list[Slab] | None = None
+        self._runs: tuple[list[int], list[int]] | None = None  # (expert, rows) of each run of packed rows
         self.offsets: torch.Tensor | None = None
         if self.packed:
             filled = row_assign < self.num_tokens * K  # (E*R,)
@@ -246,7 +279,15 @@ class IndexDispatcher:
             else:
                 keep = filled.nonzero().squeeze(1)  # (F,): the filled rows, expert-major (host sync)
                 self.counts = filled.view(self.num_experts, -1).sum(1).tolist()
+                self.slabs = expert_slabs(self.counts, slab_width)
                 size = keep.numel()
+                order, self._runs = _slab_order(self.counts, self.slabs, keep.device)
+                if order is not None:  # expert-major packed row of each slab row
+                    keep = keep.index_select(0, order)
+                    to_slab = torch.empty_like(order).index_copy_(
+                        0, order, torch.arange(size, device=order.device)
+                    )
+                    rank = to_slab.index_select(0, rank.clamp(min=0))  # (an empty row's rank is never read)
                 row_assign = row_assign.index_select(0, keep)
             rank = torch.cat([rank, rank.new_full((1,), size)])  # dropped (E*R) -> size
             positions = rank[positions]
@@ -302,9 +343,11 @@ class IndexDispatcher:
         if self.offsets is not None:  # rows past the last offset (no token) are given to the last expert
             rows = torch.arange(self.total_rows, device=device, dtype=torch.int32)
             return torch.searchsorted(self.offsets, rows, right=True).clamp_(max=E - 1)
-        if self.counts is not None:
+        if self._runs is not None:
+            experts, lengths = self._runs
             return torch.repeat_interleave(
-                torch.arange(E, device=device), torch.tensor(self.counts, device=device)
+                torch.tensor(experts, device=device, dtype=torch.int64),
+                torch.tensor(lengths, device=device, dtype=torch.int64),
             )
         return torch.arange(E, device=device).repeat_interleave(self.rows_per_expert)
 

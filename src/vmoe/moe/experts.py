@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -10,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from vmoe.layers import Activation, activation, compute_dtype, dropout, prefer_static_shapes, xavier_uniform_
 
-__all__ = ["Experts"]
+__all__ = ["Experts", "Slab", "expert_slabs"]
 
 
 _ACT_BACKWARD = {
@@ -20,16 +21,85 @@ _ACT_BACKWARD = {
 }
 
 
-class _GroupedMlp(torch.autograd.Function):
-    """Per-expert MLPs over consecutive row segments of one packed (F, D) tensor, fused by hand.
+#: A slab of packed rows: ``(first expert, experts, rows each)`` (see :func:`expert_slabs`).
+Slab = tuple[int, int, int]
 
-    ``out[seg_e] = act(x[seg_e] @ w1[e] + b1[e]) @ w2[e] + b2[e]``, ``seg_e`` the e-th run of
-    ``counts[e]`` rows (``sum(counts) == F``). Forward and
-    backward go expert by expert, so each expert's (n, M) hidden activations are produced and
-    consumed while they are still in cache, and every result is written in place into one
-    preallocated tensor: no per-expert outputs to concatenate, no ``stack`` of E weight gradients,
-    ~10 tensor ops per expert in all. The matmuls and the activation are the kernels autograd would
-    call; only the bookkeeping differs. No dropout (callers fall back to autograd for that).
+
+def expert_slabs(counts: Sequence[int], width: int = 1) -> list[Slab]:
+    """The layout of packed rows for the experts: consecutive *slabs* ``(e, w, m)``.
+
+    A slab is ``w * m`` consecutive rows: expert ``e``'s next ``m`` rows, then expert ``e + 1``'s
+    next ``m``, ... up to expert ``e + w - 1``: a (w, m, D) tensor that one batched matmul runs over
+    with the experts' stacked weights ``w1[e : e + w]``. ``width`` 1: one slab per expert, all its
+    rows (expert-major order). ``width`` w > 1: groups of w consecutive experts, first a slab of the
+    group's smallest count, then each expert's remaining rows in a width-1 slab. On the CPU a batched
+    matmul splits its batch over threads (each product on one thread), which runs the few-hundred-row
+    products of many small experts much faster than splitting each product (benchmarks/RESULTS.md).
+    Each expert's rows keep their order across its slabs; experts without rows appear in none.
+
+    Args:
+        counts: rows per expert.
+        width: experts per slab, >= 1.
+    """
+    if width < 1:
+        raise ValueError(f"slab width must be >= 1, got {width}")
+    slabs: list[Slab] = []
+    for first in range(0, len(counts), width):
+        group = counts[first : first + width]
+        m = min(group) if len(group) > 1 else 0
+        if m:
+            slabs.append((first, len(group), m))
+        slabs.extend((first + j, 1, n - m) for j, n in enumerate(group) if n > m)
+    return slabs
+
+
+def _slab_totals(slabs: Sequence[Slab], num_experts: int) -> list[int]:
+    """Rows per expert that ``slabs`` hold."""
+    totals = [0] * num_experts
+    for e, w, m in slabs:
+        for j in range(e, e + w):
+            totals[j] += m
+    return totals
+
+
+def _check_slabs(slabs: Sequence[Slab], counts: Sequence[int]) -> None:
+    """Raise ValueError unless ``slabs`` hold exactly ``counts`` rows per expert, and no slab mixes an
+    expert's first rows with another's later ones (the backward writes, then adds, per slab)."""
+    E = len(counts)
+    started = [False] * E
+    for slab in slabs:
+        e, w, m = slab
+        if w < 1 or m < 1 or e < 0 or e + w > E or len(set(started[e : e + w])) > 1:
+            raise ValueError(
+                f"bad slab {slab} for {E} experts: expected (expert, width >= 1, rows >= 1) within range, "
+                "each expert's first rows in a slab of first rows"
+            )
+        started[e : e + w] = [True] * w
+    totals = _slab_totals(slabs, E)
+    if totals != list(counts):
+        raise ValueError(f"slabs hold {totals} rows per expert, expected the counts {list(counts)}")
+
+
+_ACT_INPLACE = {
+    "gelu_tanh": lambda h: torch.ops.aten.gelu_(h, approximate="tanh"),
+    "gelu": lambda h: torch.ops.aten.gelu_(h),
+    "relu": lambda h: h.relu_(),
+}
+
+
+class _GroupedMlp(torch.autograd.Function):
+    """Per-expert MLPs over the slabs of one packed (F, D) tensor (:func:`expert_slabs`), fused by hand.
+
+    For a slab ``(e, w, m)`` of rows ``s``: ``out[s] = act(x[s] @ w1[e:e+w] + b1) @ w2[e:e+w] + b2``,
+    viewed (w, m, D), batched over its w experts. Forward and backward go slab by slab, so each
+    slab's (w, m, M) hidden activations are produced and consumed while they are still in cache, and
+    every result is written in place into one preallocated tensor: no per-slab outputs to
+    concatenate, no ``stack`` of E weight gradients, ~10 tensor ops per slab in all (the gradients
+    of an expert's second slab are accumulated). The matmuls and the activation are the kernels
+    autograd would call; only the bookkeeping differs. No dropout (callers fall back to autograd).
+    ``inference`` (no gradient wanted): nothing is saved, and one scratch buffer holds each slab's
+    hidden activations in turn (on CUDA with width-1 slabs and tanh-GELU, the cuBLASLt epilogue
+    applies bias and activation instead).
     """
 
     @staticmethod
@@ -40,30 +110,35 @@ class _GroupedMlp(torch.autograd.Function):
         b1: torch.Tensor,
         w2: torch.Tensor,
         b2: torch.Tensor,
-        counts: list[int],
+        slabs: list[Slab],
         act: Activation,
-        epilogue: bool = False,
+        inference: bool = False,
     ) -> torch.Tensor:  # x (F, D), w1 (E, D, M), b1 (E, M), w2 (E, M, D), b2 (E, D) -> (F, D)
-        out = x.new_empty(x.shape[0], w2.shape[2])
-        hs: list[torch.Tensor] = []
-        acts: list[torch.Tensor] = []
-        # epilogue (inference on CUDA): bias + tanh-GELU in the cuBLASLt epilogue; nothing is saved.
-        epilogue = epilogue and x.is_cuda and act == "gelu_tanh"
-        for xe, oe, w1e, b1e, w2e, b2e in zip(
-            x.split(counts), out.split(counts), w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0)
-        ):
-            if epilogue:
-                if xe.shape[0]:  # (cuBLASLt is never asked for an empty product)
-                    torch.addmm(b2e, torch._addmm_activation(b1e, xe, w1e, use_gelu=True), w2e, out=oe)
-                continue
-            h = torch.addmm(b1e, xe, w1e)  # (n, M)
-            a = activation(h, act)
-            torch.addmm(b2e, a, w2e, out=oe)
-            hs.append(h)
-            acts.append(a)
-        ctx.counts, ctx.act = counts, act
-        if not epilogue:
-            ctx.save_for_backward(x, w1, w2, *hs, *acts)  # autograd's own bookkeeping: freed after backward
+        D, M = w2.shape[2], w2.shape[1]
+        out = x.new_empty(x.shape[0], D)
+        saved: list[torch.Tensor] = []
+        ctx.slabs, ctx.act = slabs, act
+        if inference:  # nothing is saved: no per-slab allocations
+            if x.is_cuda and act == "gelu_tanh" and all(w == 1 for _, w, _ in slabs):
+                _epilogue_rows(x, w1, b1, w2, b2, slabs, out)
+                return out
+            # One scratch (w, m, M) buffer for every slab's hidden activations, cache-hot across slabs.
+            scratch = x.new_empty(max((w * m for _, w, m in slabs), default=0) * M)
+        start = 0
+        for e, w, m in slabs:
+            n = w * m
+            xs, os = x[start : start + n].view(w, m, -1), out[start : start + n].view(w, m, D)
+            start += n
+            bias1 = b1[e : e + w].unsqueeze(1)
+            if inference:
+                h = torch.baddbmm(bias1, xs, w1[e : e + w], out=scratch[: n * M].view(w, m, M))
+                a = _ACT_INPLACE[act](h)
+            else:
+                h = torch.baddbmm(bias1, xs, w1[e : e + w])  # (w, m, M)
+                a = activation(h, act)
+                saved += (h, a)
+            torch.baddbmm(b2[e : e + w].unsqueeze(1), a, w2[e : e + w], out=os)
+        ctx.save_for_backward(x, w1, w2, *saved)  # autograd's own bookkeeping: freed after backward
         return out
 
     @staticmethod
@@ -71,9 +146,7 @@ class _GroupedMlp(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w1, w2, *saved = ctx.saved_tensors
         E = w1.shape[0]
-        hs, acts = saved[:E], saved[E:]
         g = g.contiguous()
-        counts: list[int] = ctx.counts
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         gx = torch.empty_like(x) if need_x else None
         gw1 = torch.empty_like(w1) if need_w1 else None
@@ -81,36 +154,65 @@ class _GroupedMlp(torch.autograd.Function):
         gb1 = w1.new_empty(E, w1.shape[2]) if need_b1 else None
         gb2 = w2.new_empty(E, w2.shape[2]) if need_b2 else None
         act_backward = _ACT_BACKWARD[ctx.act]
-        none = [None] * E
-        gxs = gx.split(counts) if gx is not None else none
-        gw1s, gw2s, gb1s, gb2s = (t.unbind(0) if t is not None else none for t in (gw1, gw2, gb1, gb2))
-        for e, (ge, xe, h, a, w1t, w2t) in enumerate(
-            zip(
-                g.split(counts),
-                x.split(counts),
-                hs,
-                acts,
-                w1.transpose(1, 2).unbind(0),
-                w2.transpose(1, 2).unbind(0),
-            )
-        ):
-            if not ge.shape[0]:  # an expert without rows: zero gradients
-                for t in (gw1s[e], gb1s[e], gw2s[e], gb2s[e]):
-                    if t is not None:
-                        t.zero_()
-                continue
+        written = [False] * E  # an expert's first slab writes its weight gradients, later ones add
+        start = 0
+        for i, (e, w, m) in enumerate(ctx.slabs):
+            h, a = saved[2 * i], saved[2 * i + 1]  # (w, m, M)
+            n, ex = w * m, slice(e, e + w)
+            gs, xs = g[start : start + n].view(w, m, -1), x[start : start + n].view(w, m, -1)
+            first = not written[e]
             if gw2 is not None:
-                torch.mm(a.t(), ge, out=gw2s[e])
+                _bmm_into(gw2[ex], a.transpose(1, 2), gs, first)
             if gb2 is not None:
-                torch.sum(ge, 0, out=gb2s[e])
-            gh = act_backward(torch.mm(ge, w2t), h, a)  # (n, M)
+                _sum_into(gb2[ex], gs, first)
+            gh = act_backward(torch.bmm(gs, w2[ex].transpose(1, 2)), h, a)  # (w, m, M)
             if gw1 is not None:
-                torch.mm(xe.t(), gh, out=gw1s[e])
+                _bmm_into(gw1[ex], xs.transpose(1, 2), gh, first)
             if gb1 is not None:
-                torch.sum(gh, 0, out=gb1s[e])
+                _sum_into(gb1[ex], gh, first)
             if gx is not None:
-                torch.mm(gh, w1t, out=gxs[e])
+                torch.bmm(gh, w1[ex].transpose(1, 2), out=gx[start : start + n].view(w, m, -1))
+            written[e : e + w] = [True] * w
+            start += n
+        for e in (j for j, done in enumerate(written) if not done):  # experts without rows: zero gradients
+            for t in (gw1, gb1, gw2, gb2):
+                if t is not None:
+                    t[e].zero_()
         return gx, gw1, gb1, gw2, gb2, None, None, None
+
+
+def _epilogue_rows(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    slabs: Sequence[Slab],
+    out: torch.Tensor,
+) -> None:
+    """Inference on CUDA over width-1 slabs: bias + tanh-GELU in the cuBLASLt epilogue of each product."""
+    start = 0
+    for e, _, m in slabs:
+        xs = x[start : start + m]
+        h = torch._addmm_activation(b1[e], xs, w1[e], use_gelu=True)
+        torch.addmm(b2[e], h, w2[e], out=out[start : start + m])
+        start += m
+
+
+def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, write: bool) -> None:
+    """``out = a @ b`` (batched) when ``write``, else ``out += a @ b``."""
+    if write:
+        torch.bmm(a, b, out=out)
+    else:
+        out.baddbmm_(a, b)
+
+
+def _sum_into(out: torch.Tensor, t: torch.Tensor, write: bool) -> None:
+    """``out = t.sum(1)`` when ``write``, else ``out += t.sum(1)``; t (w, m, W), out (w, W)."""
+    if write:
+        torch.sum(t, 1, out=out)
+    else:
+        out += t.sum(1)
 
 
 #: Columns :meth:`Experts.grouped_rows_input` appends to the tokens: a 1 and 7 zeros.
@@ -241,8 +343,10 @@ class Experts(nn.Module):
     - ``"bmm"``: two batched matmuls over the buffers, bias fused into ``baddbmm``. Static shapes,
       no host synchronisation (CUDA graphs, ``torch.compile``).
     - ``"loop"``: per-expert ``addmm`` over each buffer (on CUDA the bias, and in inference the
-      tanh-GELU too, run in the cuBLASLt epilogue), in one hand-written autograd Function that
-      writes outputs and weight gradients in place. Static shapes, no host synchronisation.
+      tanh-GELU too, run in the cuBLASLt epilogue; on the CPU with two or more threads, experts go
+      in pairs, one batched matmul per pair: :meth:`slab_width`), in one hand-written autograd
+      Function that writes outputs and weight gradients in place. Static shapes, no host
+      synchronisation.
     - ``"packed"``: like ``"loop"``, but :class:`~vmoe.moe.MoEMlp` dispatches only the filled rows
       (:class:`~vmoe.moe.IndexDispatcher` ``packed=True``, skipping the empty capacity slots, ~7-13%
       of the rows at C=1.05) and runs :meth:`forward_rows` on them; needs the row counts on the host
@@ -349,7 +453,8 @@ class Experts(nn.Module):
         impl = self.resolved_impl(buffers)
         if impl in ("loop", "packed"):
             flat_rows = rows.reshape(E * R) if rows is not None else None
-            return self.forward_rows(buffers.reshape(E * R, D), [R] * E, flat_rows).view(E, R, -1)
+            slabs = expert_slabs([R] * E, self.slab_width(buffers.device))  # equal counts: expert-major
+            return self.forward_rows(buffers.reshape(E * R, D), [R] * E, flat_rows, slabs).view(E, R, -1)
         dtype = compute_dtype(buffers)
         w1, b1, w2, b2 = (t.to(dtype) for t in (self.w1, self.b1, self.w2, self.b2))
         x = buffers.to(dtype)
@@ -416,31 +521,45 @@ class Experts(nn.Module):
             out = grouped_mm(h, w2, offs=offsets) + _RowBias.apply(b2, experts, offsets)  # (T, D)
         return dropout(out, self.p, self.training, stream=self.stream + 1, rows=rows)
 
-    def forward_rows(
-        self, x: torch.Tensor, counts: list[int], rows: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(F, D) -> (F, D): expert e's MLP on the e-th run of ``counts[e]`` rows (expert-major).
+    def slab_width(self, device: torch.device) -> int:
+        """Experts per slab of packed rows on ``device`` (:func:`expert_slabs`): 2 on the CPU with two
+        or more threads (each of a pair's products then runs on its own thread), else 1."""
+        return 2 if device.type == "cpu" and torch.get_num_threads() > 1 else 1
 
-        The input of a packed dispatcher (:class:`vmoe.moe.IndexDispatcher` with ``packed=True``).
-        ``rows``: (F,) global row ids for positional dropout.
+    def forward_rows(
+        self,
+        x: torch.Tensor,
+        counts: list[int],
+        rows: torch.Tensor | None = None,
+        slabs: Sequence[Slab] | None = None,
+    ) -> torch.Tensor:
+        """(F, D) -> (F, D): each expert's MLP on its ``counts[e]`` rows, laid out in ``slabs``.
+
+        The input of a packed dispatcher (:class:`vmoe.moe.IndexDispatcher` with ``packed=True``,
+        whose ``counts`` and ``slabs`` these are). ``slabs``: see :func:`expert_slabs`; default:
+        expert-major (``expert_slabs(counts)``). ``rows``: (F,) global row ids for positional dropout.
         """
         if x.dim() != 2 or len(counts) != self.num_experts or sum(counts) != x.shape[0]:
             raise ValueError(
                 f"forward_rows expects (sum(counts), D) rows and {self.num_experts} counts, "
                 f"got {tuple(x.shape)} and {len(counts)} counts summing to {sum(counts)}"
             )
+        slabs = expert_slabs(counts) if slabs is None else list(slabs)
+        _check_slabs(slabs, counts)
         dtype = compute_dtype(x)
         w1, b1, w2, b2 = (t.to(dtype) for t in (self.w1, self.b1, self.w2, self.b2))
         x = x.to(dtype)
         if not (self.training and self.p > 0):
             with torch.autocast(x.device.type, enabled=False):  # operands are already in dtype
-                return _GroupedMlp.apply(x, w1, b1, w2, b2, counts, self.act, _no_grad(x, w1, b1, w2, b2))
-        # Dropout: plain autograd per expert. unbind: one backward op per weight (indexing w1[e]
-        # would add E full-size zero gradients).
+                return _GroupedMlp.apply(x, w1, b1, w2, b2, slabs, self.act, _no_grad(x, w1, b1, w2, b2))
+        # Dropout: plain autograd per expert and slab. unbind: one backward op per weight (indexing
+        # w1[e] would add E full-size zero gradients).
         w1s, b1s, w2s, b2s = (t.unbind(0) for t in (w1, b1, w2, b2))
+        runs = [(j, m) for e, w, m in slabs for j in range(e, e + w)] or [(0, 0)]  # (expert, rows) in order
         outs = []
         start = 0
-        for e, (xe, n) in enumerate(zip(x.split(counts), counts)):
+        for e, n in runs:
+            xe = x[start : start + n]
             r = rows[start : start + n] if rows is not None else None
             start += n
             h = activation(torch.addmm(b1s[e], xe, w1s[e]), self.act)  # (n, M)

@@ -60,7 +60,7 @@ class MoEMlp(nn.Module):
          capacity buffers (vanilla or BPR), auxiliary losses per group.
       3. Dispatch tokens into (E, R, D) capacity buffers (backend ``cfg.dispatch``), or, when
          the experts run packed (``cfg.experts_impl``; the CPU default), into (F, D) rows: only
-         the F filled slots, expert-major (same tokens, same slots); for ``grouped_mm``, into a
+         the F filled slots, in the experts' slabs (same tokens, same slots); for ``grouped_mm``, into a
          fixed ``min(E*R, N*K)`` rows with the filled ones first and device offsets (no sync).
       4. Experts: the expert MLPs over the buffers or rows (:class:`Experts`; optionally via an
          expert-parallel all-to-all, ``self.expert_comm``, which always moves full buffers).
@@ -131,7 +131,8 @@ class MoEMlp(nn.Module):
         packed = here and impl == "packed"
         dispatcher: Dispatcher
         if grouped or packed:
-            dispatcher = IndexDispatcher(routings, packed=True, static=grouped)
+            width = self.experts.slab_width(x.device) if packed else 1
+            dispatcher = IndexDispatcher(routings, packed=True, static=grouped, slab_width=width)
         else:
             dispatcher = make_dispatcher(self.cfg.dispatch, routings)
         # Cast before the gather (N rows) rather than in the experts (k*C*N rows); same values.
@@ -160,7 +161,7 @@ class MoEMlp(nn.Module):
             y = self.experts.forward_grouped_rows(buffers, dispatcher.offsets, row_experts, rows)
         elif packed:
             assert isinstance(dispatcher, IndexDispatcher) and dispatcher.counts is not None
-            y = self.experts.forward_rows(buffers, dispatcher.counts, rows)
+            y = self.experts.forward_rows(buffers, dispatcher.counts, rows, dispatcher.slabs)
         elif self.expert_comm is not None:
             local, local_rows = self.expert_comm.dispatch(buffers, rows)
             y = self.expert_comm.combine(self.experts(local, local_rows))
