@@ -129,15 +129,15 @@ class _GroupedMlp(torch.autograd.Function):
             n = w * m
             xs, os = x[start : start + n].view(w, m, -1), out[start : start + n].view(w, m, D)
             start += n
-            bias1 = b1[e : e + w].unsqueeze(1)
+            ex = slice(e, e + w)
             if inference:
-                h = torch.baddbmm(bias1, xs, w1[e : e + w], out=scratch[: n * M].view(w, m, M))
+                h = _affine(b1[ex], xs, w1[ex], out=scratch[: n * M].view(w, m, M))
                 a = _ACT_INPLACE[act](h)
             else:
-                h = torch.baddbmm(bias1, xs, w1[e : e + w])  # (w, m, M)
+                h = _affine(b1[ex], xs, w1[ex])  # (w, m, M)
                 a = activation(h, act)
                 saved += (h, a)
-            torch.baddbmm(b2[e : e + w].unsqueeze(1), a, w2[e : e + w], out=os)
+            _affine(b2[ex], a, w2[ex], out=os)
         ctx.save_for_backward(x, w1, w2, *saved)  # autograd's own bookkeeping: freed after backward
         return out
 
@@ -165,13 +165,13 @@ class _GroupedMlp(torch.autograd.Function):
                 _bmm_into(gw2[ex], a.transpose(1, 2), gs, first)
             if gb2 is not None:
                 _sum_into(gb2[ex], gs, first)
-            gh = act_backward(torch.bmm(gs, w2[ex].transpose(1, 2)), h, a)  # (w, m, M)
+            gh = act_backward(_bmm(gs, w2[ex].transpose(1, 2)), h, a)  # (w, m, M)
             if gw1 is not None:
                 _bmm_into(gw1[ex], xs.transpose(1, 2), gh, first)
             if gb1 is not None:
                 _sum_into(gb1[ex], gh, first)
             if gx is not None:
-                torch.bmm(gh, w1[ex].transpose(1, 2), out=gx[start : start + n].view(w, m, -1))
+                _bmm(gh, w1[ex].transpose(1, 2), out=gx[start : start + n].view(w, m, -1))
             written[e : e + w] = [True] * w
             start += n
         for e in (j for j, done in enumerate(written) if not done):  # experts without rows: zero gradients
@@ -199,10 +199,32 @@ def _epilogue_rows(
         start += m
 
 
+# Batched products over a slab's w experts; a batch of one runs as the plain 2-D op, which on CUDA
+# keeps addmm's cuBLASLt bias epilogue (baddbmm would first copy the bias into the output).
+
+
+def _affine(
+    bias: torch.Tensor, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ w + bias``: bias (w, N), x (w, m, K), w (w, K, N) -> (w, m, N), into ``out`` if given."""
+    if x.shape[0] == 1:
+        return torch.addmm(bias[0], x[0], w[0], out=None if out is None else out[0]).unsqueeze(0)
+    return torch.baddbmm(bias.unsqueeze(1), x, w, out=out)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` batched: (w, m, K) @ (w, K, N) -> (w, m, N), into ``out`` if given."""
+    if a.shape[0] == 1:
+        return torch.mm(a[0], b[0], out=None if out is None else out[0]).unsqueeze(0)
+    return torch.bmm(a, b, out=out)
+
+
 def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, write: bool) -> None:
     """``out = a @ b`` (batched) when ``write``, else ``out += a @ b``."""
     if write:
-        torch.bmm(a, b, out=out)
+        _bmm(a, b, out=out)
+    elif a.shape[0] == 1:
+        out[0].addmm_(a[0], b[0])
     else:
         out.baddbmm_(a, b)
 
