@@ -168,7 +168,7 @@ def _packed_buffer_rows(d: IndexDispatcher, full: IndexDispatcher) -> torch.Tens
     assert (d.row_tokens() >= 0).all() and sorted(key.tolist()) == sorted(key_full.tolist())
     where = {k: int(r) for k, r in zip(key_full.tolist(), filled)}
     source = torch.tensor([where[k] for k in key.tolist()], dtype=torch.int64)
-    want_experts = [e + j for e, w, m in d.slabs for j in range(w) for _ in range(m)]
+    want_experts = [j for s in d.slabs for j in s.members() for _ in range(s.rows)]
     assert d.row_experts().tolist() == want_experts
     for e in range(full.num_experts):  # each expert's rows in buffer order
         mine = source[d.row_experts() == e]
@@ -185,6 +185,7 @@ def _check_dispatch_autograd(routings, xf: torch.Tensor) -> None:
         lambda rs: IndexDispatcher(rs, packed=True),  # filled rows only: same outputs and gradients
         lambda rs: IndexDispatcher(rs, packed=True, slab_width=2),  # ... in pairs of experts
         lambda rs: IndexDispatcher(rs, packed=True, slab_width=3),
+        lambda rs: IndexDispatcher(rs, packed=True, slab_width=2, slab_by_count=True),  # nearest counts
     ):
         xi = xf.clone().requires_grad_(True)
         w = torch.cat([r.weights.reshape(-1, r.num_selected) for r in routings]).clone().requires_grad_(True)
@@ -241,7 +242,7 @@ def test_experts_impls_equal_batched(impl, dropout):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("width", [1, 2])
+@pytest.mark.parametrize("width", [1, 2, "by_count"])
 def test_experts_forward_rows_equal_batched_on_filled_rows(dropout, width):
     # The packed path: forward_rows over the filled rows only (an expert without rows included; in
     # slabs of `width` experts) equals the batched buffers on those rows, with the same dropout masks
@@ -252,16 +253,17 @@ def test_experts_forward_rows_equal_batched_on_filled_rows(dropout, width):
     ex = Experts(4, 8, 16, dropout=dropout, init="independent").double()
     buf = torch.randn(4, 5, 8, dtype=torch.float64)
     filled = torch.tensor(
-        [[1, 1, 0, 1, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 1, 0, 1, 0]], dtype=torch.bool
+        [[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool
     )
     counts = filled.sum(1).tolist()
-    slabs = expert_slabs(counts, width)
+    slabs = expert_slabs(counts, 2, by_count=True) if width == "by_count" else expert_slabs(counts, width)
+    assert width != "by_count" or slabs[0].stride == 3  # experts 0 and 3 (3 and 5 rows) paired
     per_expert = [r.nonzero()[:, 0].add(5 * e).tolist() for e, r in enumerate(filled)]
     index = []  # buffer row of each packed row, slab by slab
-    for e, w, m in slabs:
-        for j in range(e, e + w):
-            index += per_expert[j][:m]
-            per_expert[j] = per_expert[j][m:]
+    for s in slabs:
+        for j in s.members():
+            index += per_expert[j][: s.rows]
+            per_expert[j] = per_expert[j][s.rows :]
     index = torch.tensor(index)
     rows = torch.arange(20).view(4, 5)
     b = buf.clone().requires_grad_(True)
@@ -284,14 +286,21 @@ def test_expert_slabs_hand_computed():
     from vmoe.moe import expert_slabs
 
     counts = [3, 5, 0, 2, 4]
-    assert expert_slabs(counts) == [(0, 1, 3), (1, 1, 5), (3, 1, 2), (4, 1, 4)]  # expert-major
+    # (first expert, width, rows each, stride)
+    assert expert_slabs(counts) == [(0, 1, 3, 1), (1, 1, 5, 1), (3, 1, 2, 1), (4, 1, 4, 1)]  # expert-major
     # pairs (0, 1) (2, 3) (4): the smaller count of each pair batched, then the rest of the larger
-    assert expert_slabs(counts, 2) == [(0, 2, 3), (1, 1, 2), (3, 1, 2), (4, 1, 4)]
-    assert expert_slabs(counts, 3) == [(0, 1, 3), (1, 1, 5), (3, 2, 2), (4, 1, 2)]
-    assert expert_slabs([4, 4, 4, 4], 2) == [(0, 2, 4), (2, 2, 4)]  # equal counts: expert-major rows
+    assert expert_slabs(counts, 2) == [(0, 2, 3, 1), (1, 1, 2, 1), (3, 1, 2, 1), (4, 1, 4, 1)]
+    assert expert_slabs(counts, 3) == [(0, 1, 3, 1), (1, 1, 5, 1), (3, 2, 2, 1), (4, 1, 2, 1)]
+    # by count: 2 (0 rows) with 3 (2), 0 (3) with 4 (4), 1 (5) alone; pairs in order of their first expert
+    slabs = expert_slabs(counts, 2, by_count=True)
+    assert slabs == [(0, 2, 3, 4), (4, 1, 1, 1), (1, 1, 5, 1), (3, 1, 2, 1)]
+    assert list(slabs[0].members()) == [0, 4] and slabs[0].experts == slice(0, 5, 4)
+    assert expert_slabs([4, 4, 4, 4], 2) == [(0, 2, 4, 1), (2, 2, 4, 1)]  # equal counts: expert-major rows
     assert expert_slabs([0, 0], 2) == []
     with pytest.raises(ValueError, match="slab width must be >= 1, got 0"):
         expert_slabs(counts, 0)
+    with pytest.raises(ValueError, match="by_count pairs experts: it needs width 2, got 3"):
+        expert_slabs(counts, 3, by_count=True)
 
 
 def test_forward_rows_rejects_bad_slabs():
@@ -301,10 +310,14 @@ def test_forward_rows_rejects_bad_slabs():
         ValueError, match=r"slabs hold \[2, 2, 0\] rows per expert, expected the counts \[2, 0, 3\]"
     ):
         ex.forward_rows(x, [2, 0, 3], slabs=[(0, 2, 2)])
-    with pytest.raises(ValueError, match=r"bad slab \(2, 2, 1\) for 3 experts"):
+    with pytest.raises(ValueError, match=r"bad slab \(2, 2, 1, 1\) for 3 experts"):
         ex.forward_rows(x, [2, 0, 3], slabs=[(0, 1, 2), (2, 2, 1)])
-    with pytest.raises(ValueError, match=r"bad slab \(0, 2, 1\)"):  # expert 0's later rows with 1's first
+    with pytest.raises(ValueError, match=r"bad slab \(0, 2, 1, 1\)"):  # expert 0's later rows with 1's first
         ex.forward_rows(torch.zeros(4, 4), [2, 1, 1], slabs=[(0, 1, 1), (0, 2, 1), (2, 1, 1)])
+    with pytest.raises(ValueError, match=r"bad slab \(0, 2, 1, 0\)"):
+        ex.forward_rows(torch.zeros(2, 4), [1, 1, 0], slabs=[(0, 2, 1, 0)])
+    # A strided pair (experts 0 and 2) is fine.
+    assert ex.forward_rows(torch.zeros(4, 4), [2, 0, 2], slabs=[(0, 2, 2, 2)]).shape == (4, 4)
 
 
 def test_experts_impl_validation():
@@ -352,7 +365,7 @@ def test_auto_packs_mostly_empty_buffers_off_the_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("act", ["gelu_tanh", "gelu", "relu"])
-@pytest.mark.parametrize("width", [1, 2, 3])
+@pytest.mark.parametrize("width", [1, 2, 3, "by_count"])
 def test_grouped_mlp_matches_per_expert_autograd(act, width):
     # The hand-written forward/backward over packed slabs (an expert without rows; with width > 1,
     # batched slabs and experts whose rows span two slabs) against plain autograd on per-expert
@@ -361,9 +374,10 @@ def test_grouped_mlp_matches_per_expert_autograd(act, width):
     from vmoe.moe.experts import _GroupedMlp, expert_slabs
 
     torch.manual_seed(0)
-    E, D, M, counts = 5, 4, 5, [2, 4, 0, 3, 3]
-    slabs = expert_slabs(counts, width)
-    assert width == 1 or any(w > 1 for _, w, _ in slabs)
+    E, D, M, counts = 6, 4, 5, [2, 4, 1, 3, 3, 0]
+    slabs = expert_slabs(counts, 2, by_count=True) if width == "by_count" else expert_slabs(counts, width)
+    assert width == 1 or any(s.width > 1 for s in slabs)
+    assert width != "by_count" or any(s.stride > 1 for s in slabs)
     w1, b1, w2, b2 = (
         torch.randn(*s, dtype=torch.float64, requires_grad=True)
         for s in ((E, D, M), (E, M), (E, M, D), (E, D))
@@ -371,8 +385,9 @@ def test_grouped_mlp_matches_per_expert_autograd(act, width):
     x = torch.randn(sum(counts), D, dtype=torch.float64, requires_grad=True)
     y = _GroupedMlp.apply(x, w1, b1, w2, b2, slabs, act)
     parts, start = [], 0
-    for e, w, m in slabs:  # runs of one expert's rows, in slab order
-        for j in range(e, e + w):
+    for s in slabs:  # runs of one expert's rows, in slab order
+        m = s.rows
+        for j in s.members():
             xe = x[start : start + m]
             start += m
             parts.append(activation(xe @ w1[j] + b1[j], act) @ w2[j] + b2[j])
@@ -381,7 +396,7 @@ def test_grouped_mlp_matches_per_expert_autograd(act, width):
     g = torch.randn_like(y)
     inputs = [x, w1, b1, w2, b2]
     got = torch.autograd.grad(y, inputs, g)
-    assert not got[1][2].any() and not got[3][2].any()  # the expert without rows
+    assert not got[1][5].any() and not got[3][5].any()  # the expert without rows
     for a, b in zip(got, torch.autograd.grad(ref, inputs, g, retain_graph=True)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda *t: _GroupedMlp.apply(*t, slabs, act), tuple(inputs))
@@ -408,6 +423,18 @@ def test_layer_experts_impls_agree(impl, width, monkeypatch):
         ga, gb = _grads(layer, x, gy)[2], _grads(ref, x, gy)[2]
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # Without gradients, packed rows of width 2 pair the experts of nearest counts instead.
+    by_count = []
+    init = IndexDispatcher.__init__
+    monkeypatch.setattr(
+        IndexDispatcher,
+        "__init__",
+        lambda self, *a, **k: by_count.append(k.get("slab_by_count", False)) or init(self, *a, **k),
+    )
+    layer.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x)[0], ref(x)[0], rtol=1e-10, atol=1e-12)
+    assert any(by_count) == (impl == "packed" and width == 2)
 
 
 @pytest.mark.parametrize("width", [1, 2])

@@ -20,6 +20,7 @@ Both backends produce identical buffers, so an expert-parallel all-to-all can si
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -151,14 +152,14 @@ def _slab_order(
     for e in range(1, len(counts)):
         begin[e] = begin[e - 1] + counts[e - 1]
     experts, starts, lengths = [], [], []
-    for e0, w, m in slabs:
-        for e in range(e0, e0 + w):
+    for slab in slabs:
+        for e in slab.members():
             experts.append(e)
             starts.append(begin[e])
-            lengths.append(m)
-            begin[e] += m
-    if all(w == 1 for _, w, _ in slabs):
-        return None, (experts, lengths)
+            lengths.append(slab.rows)
+            begin[e] += slab.rows
+    if all(s == t for s, t in zip(starts, itertools.accumulate(lengths, initial=0))):
+        return None, (experts, lengths)  # already expert-major
     length = torch.tensor(lengths, dtype=torch.int64, device=device)
     shift = torch.tensor(starts, dtype=torch.int64, device=device) - (torch.cumsum(length, 0) - length)
     order = torch.repeat_interleave(shift, length) + torch.arange(sum(lengths), device=device)
@@ -224,7 +225,7 @@ class IndexDispatcher:
     with ``counts[e]`` rows for expert e and ``combine`` takes (F, D). The same tokens are kept in
     the same slots; the empty capacity slots are simply never materialised (finding them costs one
     host synchronisation). The rows are laid out in ``slabs`` (:func:`vmoe.moe.expert_slabs` with
-    ``slab_width``; width 1: expert-major), each expert's in buffer order.
+    ``slab_width`` and ``slab_by_count``; width 1: expert-major), each expert's in buffer order.
 
     With ``static=True`` (implies packed) the filled rows come first in a tensor of a fixed
     ``min(E*R, N*K)`` rows (rounded up to a multiple of 8), expert-major, and ``offsets`` (E,)
@@ -240,6 +241,7 @@ class IndexDispatcher:
         static: packed rows in a fixed-size tensor, with device offsets (see above).
         slab_width: experts per slab of packed rows (``packed`` only; see
             :meth:`vmoe.moe.Experts.slab_width`).
+        slab_by_count: pair the experts of nearest counts (``slab_width`` 2; for inference).
     """
 
     def __init__(
@@ -250,6 +252,7 @@ class IndexDispatcher:
         packed: bool = False,
         static: bool = False,
         slab_width: int = 1,
+        slab_by_count: bool = False,
     ) -> None:
         self.num_experts, self.rows_per_expert, _offsets = _layout(routings)
         self.packed = packed or static
@@ -279,7 +282,7 @@ class IndexDispatcher:
             else:
                 keep = filled.nonzero().squeeze(1)  # (F,): the filled rows, expert-major (host sync)
                 self.counts = filled.view(self.num_experts, -1).sum(1).tolist()
-                self.slabs = expert_slabs(self.counts, slab_width)
+                self.slabs = expert_slabs(self.counts, slab_width, by_count=slab_by_count)
                 size = keep.numel()
                 order, self._runs = _slab_order(self.counts, self.slabs, keep.device)
                 if order is not None:  # expert-major packed row of each slab row

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -21,44 +21,75 @@ _ACT_BACKWARD = {
 }
 
 
-#: A slab of packed rows: ``(first expert, experts, rows each)`` (see :func:`expert_slabs`).
-Slab = tuple[int, int, int]
+class Slab(NamedTuple):
+    """A slab of packed rows: ``width`` experts ``expert, expert + stride, ...``, ``rows`` rows each
+    (see :func:`expert_slabs`)."""
+
+    expert: int
+    width: int
+    rows: int
+    stride: int = 1
+
+    @property
+    def experts(self) -> slice:
+        """The slab's experts, as a slice of the stacked weights (E, ...)."""
+        return slice(self.expert, self.expert + (self.width - 1) * self.stride + 1, self.stride)
+
+    def members(self) -> range:
+        """The slab's expert ids, in order."""
+        return range(self.expert, self.expert + self.width * self.stride, self.stride)
 
 
-def expert_slabs(counts: Sequence[int], width: int = 1) -> list[Slab]:
-    """The layout of packed rows for the experts: consecutive *slabs* ``(e, w, m)``.
+def expert_slabs(counts: Sequence[int], width: int = 1, *, by_count: bool = False) -> list[Slab]:
+    """The layout of packed rows for the experts: consecutive *slabs*.
 
-    A slab is ``w * m`` consecutive rows: expert ``e``'s next ``m`` rows, then expert ``e + 1``'s
-    next ``m``, ... up to expert ``e + w - 1``: a (w, m, D) tensor that one batched matmul runs over
-    with the experts' stacked weights ``w1[e : e + w]``. ``width`` 1: one slab per expert, all its
-    rows (expert-major order). ``width`` w > 1: groups of w consecutive experts, first a slab of the
-    group's smallest count, then each expert's remaining rows in a width-1 slab. On the CPU a batched
-    matmul splits its batch over threads (each product on one thread), which runs the few-hundred-row
-    products of many small experts much faster than splitting each product (benchmarks/RESULTS.md).
-    Each expert's rows keep their order across its slabs; experts without rows appear in none.
+    A slab ``(e, w, m, s)`` is ``w * m`` consecutive rows: expert ``e``'s next ``m`` rows, then expert
+    ``e + s``'s next ``m``, ... up to expert ``e + (w - 1) s``: a (w, m, D) tensor that one batched
+    matmul runs over with the experts' stacked weights ``w1[e : e + (w - 1) s + 1 : s]``. ``width``
+    1: one slab per expert, all its rows (expert-major order). ``width`` w > 1: groups of w
+    consecutive experts, first a slab of the group's smallest count, then each expert's remaining
+    rows in a width-1 slab. On the CPU a batched matmul splits its batch over threads (each product on
+    one thread), which runs the few-hundred-row products of many small experts much faster than
+    splitting each product (benchmarks/RESULTS.md). Each expert's rows keep their order across its
+    slabs; experts without rows appear in none.
+
+    ``by_count`` (width 2 only): pair the experts of nearest counts instead of neighbours, so that
+    hardly any rows are left over for width-1 slabs. Their weights are then strided views, which
+    cost nothing to read; their weight *gradients* would be strided writes, so use it when no
+    gradient is wanted (inference).
 
     Args:
         counts: rows per expert.
         width: experts per slab, >= 1.
+        by_count: pair experts of similar counts (see above).
     """
     if width < 1:
         raise ValueError(f"slab width must be >= 1, got {width}")
+    if by_count and width != 2:
+        raise ValueError(f"by_count pairs experts: it needs width 2, got {width}")
+    E = len(counts)
+    if by_count:
+        order = sorted(range(E), key=lambda e: (counts[e], e))
+        groups = [sorted(order[i : i + 2]) for i in range(0, E, 2)]
+        groups.sort()
+    else:
+        groups = [list(range(first, min(first + width, E))) for first in range(0, E, width)]
     slabs: list[Slab] = []
-    for first in range(0, len(counts), width):
-        group = counts[first : first + width]
-        m = min(group) if len(group) > 1 else 0
+    for group in groups:
+        m = min(counts[e] for e in group) if len(group) > 1 else 0
         if m:
-            slabs.append((first, len(group), m))
-        slabs.extend((first + j, 1, n - m) for j, n in enumerate(group) if n > m)
+            stride = group[1] - group[0] if len(group) > 1 else 1
+            slabs.append(Slab(group[0], len(group), m, stride))
+        slabs.extend(Slab(e, 1, counts[e] - m) for e in group if counts[e] > m)
     return slabs
 
 
 def _slab_totals(slabs: Sequence[Slab], num_experts: int) -> list[int]:
     """Rows per expert that ``slabs`` hold."""
     totals = [0] * num_experts
-    for e, w, m in slabs:
-        for j in range(e, e + w):
-            totals[j] += m
+    for slab in slabs:
+        for j in slab.members():
+            totals[j] += slab.rows
     return totals
 
 
@@ -68,13 +99,18 @@ def _check_slabs(slabs: Sequence[Slab], counts: Sequence[int]) -> None:
     E = len(counts)
     started = [False] * E
     for slab in slabs:
-        e, w, m = slab
-        if w < 1 or m < 1 or e < 0 or e + w > E or len(set(started[e : e + w])) > 1:
+        e, w, m, s = slab
+        bad = w < 1 or m < 1 or s < 1 or e < 0
+        if not bad:
+            members = slab.members()
+            bad = members[-1] >= E or len({started[j] for j in members}) > 1
+        if bad:
             raise ValueError(
-                f"bad slab {slab} for {E} experts: expected (expert, width >= 1, rows >= 1) within range, "
-                "each expert's first rows in a slab of first rows"
+                f"bad slab {tuple(slab)} for {E} experts: expected (expert, width >= 1, rows >= 1, "
+                "stride >= 1) within range, each expert's first rows in a slab of first rows"
             )
-        started[e : e + w] = [True] * w
+        for j in slab.members():
+            started[j] = True
     totals = _slab_totals(slabs, E)
     if totals != list(counts):
         raise ValueError(f"slabs hold {totals} rows per expert, expected the counts {list(counts)}")
@@ -90,7 +126,7 @@ _ACT_INPLACE = {
 class _GroupedMlp(torch.autograd.Function):
     """Per-expert MLPs over the slabs of one packed (F, D) tensor (:func:`expert_slabs`), fused by hand.
 
-    For a slab ``(e, w, m)`` of rows ``s``: ``out[s] = act(x[s] @ w1[e:e+w] + b1) @ w2[e:e+w] + b2``,
+    For a slab of w experts ``ex`` and rows ``s``: ``out[s] = act(x[s] @ w1[ex] + b1[ex]) @ w2[ex] + b2[ex]``,
     viewed (w, m, D), batched over its w experts. Forward and backward go slab by slab, so each
     slab's (w, m, M) hidden activations are produced and consumed while they are still in cache, and
     every result is written in place into one preallocated tensor: no per-slab outputs to
@@ -119,17 +155,17 @@ class _GroupedMlp(torch.autograd.Function):
         saved: list[torch.Tensor] = []
         ctx.slabs, ctx.act = slabs, act
         if inference:  # nothing is saved: no per-slab allocations
-            if x.is_cuda and act == "gelu_tanh" and all(w == 1 for _, w, _ in slabs):
+            if x.is_cuda and act == "gelu_tanh" and all(s.width == 1 for s in slabs):
                 _epilogue_rows(x, w1, b1, w2, b2, slabs, out)
                 return out
             # One scratch (w, m, M) buffer for every slab's hidden activations, cache-hot across slabs.
-            scratch = x.new_empty(max((w * m for _, w, m in slabs), default=0) * M)
+            scratch = x.new_empty(max((s.width * s.rows for s in slabs), default=0) * M)
         start = 0
-        for e, w, m in slabs:
+        for slab in slabs:
+            w, m, ex = slab.width, slab.rows, slab.experts
             n = w * m
             xs, os = x[start : start + n].view(w, m, -1), out[start : start + n].view(w, m, D)
             start += n
-            ex = slice(e, e + w)
             if inference:
                 h = _affine(b1[ex], xs, w1[ex], out=scratch[: n * M].view(w, m, M))
                 a = _ACT_INPLACE[act](h)
@@ -156,11 +192,12 @@ class _GroupedMlp(torch.autograd.Function):
         act_backward = _ACT_BACKWARD[ctx.act]
         written = [False] * E  # an expert's first slab writes its weight gradients, later ones add
         start = 0
-        for i, (e, w, m) in enumerate(ctx.slabs):
+        for i, slab in enumerate(ctx.slabs):
             h, a = saved[2 * i], saved[2 * i + 1]  # (w, m, M)
-            n, ex = w * m, slice(e, e + w)
+            w, m, ex = slab.width, slab.rows, slab.experts
+            n = w * m
             gs, xs = g[start : start + n].view(w, m, -1), x[start : start + n].view(w, m, -1)
-            first = not written[e]
+            first = not written[slab.expert]
             if gw2 is not None:
                 _bmm_into(gw2[ex], a.transpose(1, 2), gs, first)
             if gb2 is not None:
@@ -172,7 +209,8 @@ class _GroupedMlp(torch.autograd.Function):
                 _sum_into(gb1[ex], gh, first)
             if gx is not None:
                 _bmm(gh, w1[ex].transpose(1, 2), out=gx[start : start + n].view(w, m, -1))
-            written[e : e + w] = [True] * w
+            for j in slab.members():
+                written[j] = True
             start += n
         for e in (j for j, done in enumerate(written) if not done):  # experts without rows: zero gradients
             for t in (gw1, gb1, gw2, gb2):
@@ -192,7 +230,7 @@ def _epilogue_rows(
 ) -> None:
     """Inference on CUDA over width-1 slabs: bias + tanh-GELU in the cuBLASLt epilogue of each product."""
     start = 0
-    for e, _, m in slabs:
+    for e, _, m, _ in slabs:
         xs = x[start : start + m]
         h = torch._addmm_activation(b1[e], xs, w1[e], use_gelu=True)
         torch.addmm(b2[e], h, w2[e], out=out[start : start + m])
@@ -566,7 +604,7 @@ class Experts(nn.Module):
                 f"forward_rows expects (sum(counts), D) rows and {self.num_experts} counts, "
                 f"got {tuple(x.shape)} and {len(counts)} counts summing to {sum(counts)}"
             )
-        slabs = expert_slabs(counts) if slabs is None else list(slabs)
+        slabs = expert_slabs(counts) if slabs is None else [Slab(*s) for s in slabs]
         _check_slabs(slabs, counts)
         dtype = compute_dtype(x)
         w1, b1, w2, b2 = (t.to(dtype) for t in (self.w1, self.b1, self.w2, self.b2))
@@ -577,7 +615,7 @@ class Experts(nn.Module):
         # Dropout: plain autograd per expert and slab. unbind: one backward op per weight (indexing
         # w1[e] would add E full-size zero gradients).
         w1s, b1s, w2s, b2s = (t.unbind(0) for t in (w1, b1, w2, b2))
-        runs = [(j, m) for e, w, m in slabs for j in range(e, e + w)] or [(0, 0)]  # (expert, rows) in order
+        runs = [(j, s.rows) for s in slabs for j in s.members()] or [(0, 0)]  # (expert, rows) in order
         outs = []
         start = 0
         for e, n in runs:

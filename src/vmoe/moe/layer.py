@@ -132,7 +132,11 @@ class MoEMlp(nn.Module):
         dispatcher: Dispatcher
         if grouped or packed:
             width = self.experts.slab_width(x.device) if packed else 1
-            dispatcher = IndexDispatcher(routings, packed=True, static=grouped, slab_width=width)
+            # Without gradients, pairs of similar counts (fewer leftover rows; strided weights are free to read).
+            by_count = width == 2 and not torch.is_grad_enabled()
+            dispatcher = IndexDispatcher(
+                routings, packed=True, static=grouped, slab_width=width, slab_by_count=by_count
+            )
         else:
             dispatcher = make_dispatcher(self.cfg.dispatch, routings)
         # Cast before the gather (N rows) rather than in the experts (k*C*N rows); same values.
