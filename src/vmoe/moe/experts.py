@@ -258,8 +258,14 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> t
 
 
 def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, write: bool) -> None:
-    """``out = a @ b`` (batched) when ``write``, else ``out += a @ b``."""
-    if write:
+    """``out = a @ b`` (batched) when ``write``, else ``out += a @ b``.
+
+    A strided ``out`` (the gradients of a pair by count) gets the product through a contiguous
+    temporary: a product written straight into strided memory took ~10% longer per training step."""
+    if not out.is_contiguous():
+        t = _bmm(a, b)
+        out.copy_(t) if write else out.add_(t)
+    elif write:
         _bmm(a, b, out=out)
     elif a.shape[0] == 1:
         out[0].addmm_(a[0], b[0])
