@@ -81,3 +81,23 @@ def test_timm_reference_has_our_parameter_count(name, kw, image, depth, width, p
     tm = mod._timm_model(timm_name, image, 1000, **mod._timm_kwargs(name, kw))
     ours = vmoe.create_model(name, image_size=image, num_classes=1000, **kw)
     assert sum(p.numel() for p in tm.parameters()) == sum(p.numel() for p in ours.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:capacity rounding")
+@pytest.mark.parametrize("impl", ["auto", "bmm", "loop", "packed"])
+@pytest.mark.parametrize("E", [4, 7])  # 7: an odd number of experts leaves one outside the CPU's pairs
+def test_bf16_fast_path_matches_float32_reference_on_cpu(impl, E):
+    # The benchmark's own check (moe_layer.check_correctness) in bf16 autocast on the CPU: the output and
+    # every gradient within 1e-2 of the float32 einsum reference, the inference path included, every
+    # kept token's row written and dropped tokens exactly 0. The GPU script runs it on CUDA.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import moe_layer
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    s = moe_layer.Shapes(batch=12, tokens=17, dim=32, hidden=64, num_experts=E)
+    errors = moe_layer.check_correctness(s, torch.device("cpu"), amp=True, impl=impl)
+    assert set(errors) >= {"y", "grad_x", "y_inference"} and max(errors.values()) <= 1e-2
+    assert min(errors.values()) > 1e-4  # bf16 really ran (float32 matches to ~1e-7)
