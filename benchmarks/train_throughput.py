@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import vmoe
 from vmoe.models.flops import flops_per_image
+from vmoe.train.loop import adamw
 
 
 def _timm_model(name: str, image_size: int, num_classes: int, **kw: Any) -> Any:
@@ -236,7 +237,9 @@ def _bench(
 ) -> dict[str, Any]:
     model.train()
     fwd = torch.compile(model) if args.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(
+        [{"params": list(model.parameters())}], lr=1e-4
+    )  # vmoe train's AdamW (fused where torch has it)
     x = torch.randn(batch, 3, image, image, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
     if device.type == "cuda":

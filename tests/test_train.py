@@ -532,3 +532,57 @@ def test_torch_compile_training_matches_eager(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-5), s
+
+
+def test_adamw_is_fused_and_steps_like_the_default():
+    # vmoe train's AdamW runs torch's fused kernel on the CPU (much faster for MoE models' many
+    # expert parameters) and makes the same update as the default implementation, weight-decay
+    # groups included.
+    import torch
+
+    from vmoe.train.loop import adamw, param_groups
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    twin = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    twin.load_state_dict(model.state_dict())
+    kw = dict(lr=1e-2, betas=(0.9, 0.99))
+    fast = adamw(param_groups(model, 0.1), **kw)
+    ref = torch.optim.AdamW(param_groups(twin, 0.1), **kw)
+    assert all(g["fused"] for g in fast.param_groups) and not any(g["fused"] for g in ref.param_groups)
+    x = torch.randn(8, 6)
+    for _ in range(3):
+        for m, opt in ((model, fast), (twin, ref)):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model[0].weight, torch.nn.Linear(6, 5).weight)  # it did train
+
+
+def test_resume_keeps_the_running_optimizer_implementation():
+    # A state saved by a non-fused AdamW (e.g. an older vmoe) loads into the fused one without turning
+    # it off; the saved hyperparameters (lr) and moments are taken; and the reverse direction too.
+    import torch
+
+    from vmoe.train.loop import adamw, with_implementation_of
+
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    plain = torch.optim.AdamW([p], lr=0.5)
+    p.grad = torch.randn(4, 3)
+    plain.step()
+    saved = plain.state_dict()
+    assert saved["param_groups"][0]["fused"] in (None, False)
+    q = torch.nn.Parameter(p.detach().clone())
+    fused = adamw([{"params": [q]}], lr=1.0)
+    fused.load_state_dict(with_implementation_of(fused, saved))
+    assert fused.param_groups[0]["fused"] is True and fused.param_groups[0]["lr"] == 0.5
+    torch.testing.assert_close(fused.state[q]["exp_avg"], plain.state[p]["exp_avg"])
+    q.grad = p.grad.clone()
+    fused.step()
+    plain.step()
+    torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    back = torch.optim.AdamW([p], lr=1.0)
+    back.load_state_dict(with_implementation_of(back, fused.state_dict()))
+    assert not back.param_groups[0]["fused"]
