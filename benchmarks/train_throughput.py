@@ -237,9 +237,8 @@ def _bench(
 ) -> dict[str, Any]:
     model.train()
     fwd = torch.compile(model) if args.compile else model
-    opt = adamw(
-        [{"params": list(model.parameters())}], lr=1e-4
-    )  # vmoe train's AdamW (fused where torch has it)
+    # vmoe train's AdamW (fused where torch has the kernel), for our models and timm's alike.
+    opt = adamw([{"params": list(model.parameters())}], lr=1e-4)
     x = torch.randn(batch, 3, image, image, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
     if device.type == "cuda":

@@ -264,7 +264,10 @@ def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, write: bool) 
     temporary: a product written straight into strided memory took ~10% longer per training step."""
     if not out.is_contiguous():
         t = _bmm(a, b)
-        out.copy_(t) if write else out.add_(t)
+        if write:
+            out.copy_(t)
+        else:
+            out.add_(t)
     elif write:
         _bmm(a, b, out=out)
     elif a.shape[0] == 1:
