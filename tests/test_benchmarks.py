@@ -101,3 +101,40 @@ def test_bf16_fast_path_matches_float32_reference_on_cpu(impl, E):
     errors = moe_layer.check_correctness(s, torch.device("cpu"), amp=True, impl=impl)
     assert set(errors) >= {"y", "grad_x", "y_inference"} and max(errors.values()) <= 1e-2
     assert min(errors.values()) > 1e-4  # bf16 really ran (float32 matches to ~1e-7)
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+@pytest.mark.filterwarnings("ignore:capacity rounding")
+def test_slab_ab_times_every_layout(tmp_path):
+    # benchmarks/slab_ab.py: each layout, training and inference, as a finite ratio to the floor; JSON out.
+    report = _bench_module("slab_ab").main(
+        ["--num-experts", "4", "--rounds", "2", "--json", str(tmp_path / "s.json")]
+    )
+    row = report["results"]["4"]
+    assert set(row) == {f"{n}{s}" for n in ("per_expert", "pairs", "by_count") for s in ("", "_fwd")}
+    assert all(0 < v < 100 for v in row.values())
+    assert json.loads((tmp_path / "s.json").read_text())["results"]["4"] == row
+
+
+def test_optimizer_step_benchmark_reports_all_implementations(tmp_path):
+    report = _bench_module("optimizer_step").main(
+        ["--models", "vit_ti", "--steps", "2", "--json", str(tmp_path / "o.json")]
+    )
+    row = report["results"]["vit_ti"]
+    for key in (
+        "step_ms_default",
+        "step_ms_foreach",
+        "step_ms_fused",
+        "images_per_s_default",
+        "images_per_s_vmoe",
+    ):
+        assert row[key] > 0, key
+    assert 2.5 < row["params_m"] < 3.0  # ViT-Ti/4 at 32px: 2.7M parameters
+    assert (tmp_path / "o.json").exists()
