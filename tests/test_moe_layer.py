@@ -407,6 +407,24 @@ def test_grouped_mlp_matches_per_expert_autograd(act, width):
     torch.testing.assert_close(gw2, torch.autograd.grad(ref, [w2], g)[0], rtol=1e-12, atol=1e-12)
 
 
+def test_epilogue_rows_walks_slabs_like_the_grouped_mlp():
+    # The CUDA inference branch (bias + GELU in the cuBLASLt epilogue) runs only on a GPU; its walk over
+    # the width-1 slabs (an expert without rows, rows written in place) is checked here on the CPU.
+    # torch._addmm_activation's GELU is erf on the CPU and tanh on CUDA (as cuBLASLt's epilogue), so the
+    # reference here is exact GELU; test_cuda_epilogue_rows_is_tanh_gelu checks the CUDA side.
+    from vmoe.moe.experts import _epilogue_rows, _GroupedMlp, expert_slabs
+
+    torch.manual_seed(0)
+    E, D, M, counts = 5, 6, 7, [3, 0, 5, 2, 1]
+    slabs = expert_slabs(counts, 1)
+    x = torch.randn(sum(counts), D, dtype=torch.float64)
+    w1, b1, w2, b2 = (torch.randn(*s, dtype=torch.float64) for s in ((E, D, M), (E, M), (E, M, D), (E, D)))
+    out = torch.full_like(x, float("nan"))
+    _epilogue_rows(x, w1, b1, w2, b2, slabs, out)
+    ref = _GroupedMlp.apply(x, w1, b1, w2, b2, slabs, "gelu", True)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("impl", ["packed", "loop", "bmm"])
 @pytest.mark.parametrize("width", [1, 2, 3])
 def test_layer_experts_impls_agree(impl, width, monkeypatch):
@@ -881,6 +899,33 @@ def test_cuda_backends_agree_and_match_cpu():
         y_amp, _ = idx(x.cuda())
     assert y_amp.dtype == torch.bfloat16
     torch.testing.assert_close(y_amp.float(), y_i, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_epilogue_rows_is_tanh_gelu(dtype):
+    """On CUDA, inference over width-1 slabs runs bias + GELU in cuBLASLt's epilogue: it must be
+    tanh-GELU (the layer's activation), equal to the generic slab path up to rounding."""
+    from vmoe.moe.experts import _GroupedMlp, expert_slabs
+
+    torch.manual_seed(0)
+    E, D, M, counts = 5, 64, 128, [30, 0, 50, 17, 9]
+    slabs = expert_slabs(counts, 1)
+    x = torch.randn(sum(counts), D, device="cuda", dtype=dtype)
+    ws = [torch.randn(*s, device="cuda", dtype=dtype) / 8 for s in ((E, D, M), (E, M), (E, M, D), (E, D))]
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        got = _GroupedMlp.apply(x, *ws, slabs, "gelu_tanh", True)  # takes the epilogue branch
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    x64, ws64 = x.cpu().double(), [w.cpu().double() for w in ws]  # the generic branch, on the CPU
+    ref = _GroupedMlp.apply(x64, *ws64, slabs, "gelu_tanh", True)
+    erf = _GroupedMlp.apply(x64, *ws64, slabs, "gelu", True)
+    err = float((got.cpu().double() - ref).norm() / ref.norm())
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+    assert float((ref - erf).norm() / ref.norm()) > 1e-4  # the two GELUs differ measurably here
 
 
 @pytest.mark.gpu
