@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -304,6 +305,18 @@ def _check_grouped_mm_sizes(dim: int, hidden_dim: int) -> None:
         )
 
 
+def _warn_slow_grouped_mm(device: torch.device, dtype: torch.dtype) -> None:
+    """torch._grouped_mm's fast CUDA kernel is bf16 only; other dtypes take its fallback (a loop of
+    matmuls that reads the offsets back to the host: one sync per call)."""
+    if device.type == "cuda" and dtype != torch.bfloat16:
+        warnings.warn(
+            f"experts impl 'grouped_mm' in {dtype} on CUDA runs torch._grouped_mm's slow fallback "
+            "(host syncs, one matmul per expert); its fast kernel needs bfloat16 (autocast). "
+            "Use bf16 autocast, or experts_impl 'bmm' / 'loop'.",
+            stacklevel=3,
+        )
+
+
 def _with_bias_row(w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
     """(E, D, M), (E, M) -> (E, D + 8, M): the kernel that multiplies :meth:`Experts.grouped_rows_input`."""
     E, _, M = w1.shape
@@ -391,6 +404,61 @@ class _GroupedRowsMlp(torch.autograd.Function):
         return gx, gw1, gb1, gw2, gb2, None, None, None
 
 
+class _AugmentedMlp(torch.autograd.Function):
+    """``act(x @ [w1; b1; 0]) @ w2 + b2`` over (E, R, D + 8) capacity buffers whose tokens carry a
+    ones column (:meth:`Experts.grouped_rows_input`), as two batched matmuls.
+
+    Versus ``baddbmm(b1, x, w1)`` under autograd, the first bias rides in the matmul: no copy of the
+    broadcast bias into the (E, R, M) output before the product, no read of it by the product
+    (beta = 1), and no reduction of the (E, R, M) gradient for the bias's own gradient, which is
+    the row of the ones column in the first kernel's gradient. Three passes over the largest
+    activations less per training step; the same function (an empty slot's row has no ones, so
+    its hidden row is 0 rather than ``act(b1)``, and it is never read by the combine nor reaches a
+    gradient). Saves x, the pre-activation, the activation and the two kernels, as autograd would.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        w1: torch.Tensor,
+        b1: torch.Tensor,
+        w2: torch.Tensor,
+        b2: torch.Tensor,
+        act: Activation,
+        inference: bool = False,
+    ) -> torch.Tensor:  # x (E, R, D + 8), w1 (E, D, M), b1 (E, M), w2 (E, M, D), b2 (E, D) -> (E, R, D)
+        w1a = _with_bias_row(w1, b1)  # (E, D + 8, M)
+        h = torch.bmm(x, w1a)  # (E, R, M)
+        if inference:  # nothing saved: the activation overwrites the pre-activation
+            return torch.baddbmm(b2.unsqueeze(1), _ACT_INPLACE[act](h), w2)
+        a = activation(h, act)
+        ctx.act = act
+        ctx.save_for_backward(x, h, a, w1a, w2)
+        return torch.baddbmm(b2.unsqueeze(1), a, w2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, h, a, w1a, w2 = ctx.saved_tensors
+        D = w2.shape[2]
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        g = g.contiguous()
+        gx = gw1 = gb1 = gw2 = gb2 = None
+        if need_b2:
+            gb2 = g.sum(1)
+        if need_w2:
+            gw2 = torch.bmm(a.transpose(1, 2), g)  # (E, M, D)
+        if need_x or need_w1 or need_b1:
+            gh = _ACT_BACKWARD[ctx.act](torch.bmm(g, w2.transpose(1, 2)), h, a)  # (E, R, M)
+            if need_w1 or need_b1:
+                gw1a = torch.bmm(x.transpose(1, 2), gh)  # (E, D + 8, M): row D is the bias's gradient
+                gw1, gb1 = gw1a[:, :D], gw1a[:, D]
+            if need_x:
+                gx = torch.bmm(gh, w1a.transpose(1, 2))  # (E, R, D + 8)
+        return gx, gw1, gb1, gw2, gb2, None, None
+
+
 def _no_grad(*tensors: torch.Tensor) -> bool:
     """True when no gradient can flow back through ``tensors`` (inference)."""
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
@@ -409,8 +477,10 @@ class Experts(nn.Module):
 
     How the matmuls run (``impl``; every one computes the same function, tests check they agree):
 
-    - ``"bmm"``: two batched matmuls over the buffers, bias fused into ``baddbmm``. Static shapes,
-      no host synchronisation (CUDA graphs, ``torch.compile``).
+    - ``"bmm"``: two batched matmuls over the buffers. Static shapes, no host synchronisation (CUDA
+      graphs, ``torch.compile``). In :class:`~vmoe.moe.MoEMlp` (index dispatch, experts held here)
+      the tokens carry a ones column, so the first bias rides in the first matmul
+      (:meth:`forward_augmented`); given (E, R, D) buffers directly, ``baddbmm`` adds the biases.
     - ``"loop"``: per-expert ``addmm`` over each buffer (on CUDA the bias, and in inference the
       tanh-GELU too, run in the cuBLASLt epilogue; on the CPU with two or more threads, experts go
       in pairs, one batched matmul per pair: :meth:`slab_width`), in one hand-written autograd
@@ -543,6 +613,7 @@ class Experts(nn.Module):
         w1, b1, w2, b2 = weights
         M = w1.shape[2]
         _check_grouped_mm_sizes(D, M)
+        _warn_slow_grouped_mm(x.device, x.dtype)
         offs = torch.arange(1, E + 1, device=x.device, dtype=torch.int32) * R
         h = grouped_mm(x.reshape(E * R, D), w1, offs=offs).view(E, R, M) + b1.unsqueeze(1)
         h = dropout(activation(h, self.act), self.p, self.training, stream=self.stream, rows=rows)
@@ -551,7 +622,8 @@ class Experts(nn.Module):
 
     def grouped_rows_input(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N, D + 8): the tokens with a column of ones (the first bias rides in the matmul)
-        and 7 of zeros (rows stay 16-byte aligned); the input of :meth:`forward_grouped_rows`."""
+        and 7 of zeros (rows stay 16-byte aligned); dispatched, the input of
+        :meth:`forward_grouped_rows` (front-packed rows) or :meth:`forward_augmented` (buffers)."""
         n = x.shape[0]
         return torch.cat([x, x.new_ones(n, 1), x.new_zeros(n, GROUPED_PAD - 1)], dim=1)
 
@@ -579,6 +651,7 @@ class Experts(nn.Module):
             )
         _check_grouped_mm_sizes(D, M)
         dtype = compute_dtype(x)
+        _warn_slow_grouped_mm(x.device, dtype)
         w1, b1, w2, b2 = (t.to(dtype) for t in (self.w1, self.b1, self.w2, self.b2))
         with torch.autocast(x.device.type, enabled=False):  # operands are already in dtype
             x = x.to(dtype)
@@ -588,6 +661,27 @@ class Experts(nn.Module):
             h = grouped_mm(x, _with_bias_row(w1, b1), offs=offsets)  # (T, M)
             h = dropout(activation(h, self.act), self.p, self.training, stream=self.stream, rows=rows)
             out = grouped_mm(h, w2, offs=offsets) + _RowBias.apply(b2, experts, offsets)  # (T, D)
+        return dropout(out, self.p, self.training, stream=self.stream + 1, rows=rows)
+
+    def forward_augmented(self, buffers: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(E, R, D + 8) -> (E, R, D): the ``"bmm"`` experts over buffers dispatched from
+        :meth:`grouped_rows_input` tokens (a ones column: the first bias rides in the first batched
+        matmul, see :class:`_AugmentedMlp`). Static shapes, no host sync. ``rows``: (E, R) global row
+        ids for positional dropout."""
+        E, D, _ = self.w1.shape
+        if buffers.dim() != 3 or buffers.shape[0] != E or buffers.shape[2] != D + GROUPED_PAD:
+            raise ValueError(
+                f"forward_augmented expects ({E}, R, {D + GROUPED_PAD}) buffers, got {tuple(buffers.shape)}"
+            )
+        dtype = compute_dtype(buffers)
+        w1, b1, w2, b2 = (t.to(dtype) for t in (self.w1, self.b1, self.w2, self.b2))
+        with torch.autocast(buffers.device.type, enabled=False):  # operands are already in dtype
+            x = buffers.to(dtype)
+            if not (self.training and self.p > 0):
+                return _AugmentedMlp.apply(x, w1, b1, w2, b2, self.act, _no_grad(x, w1, b1, w2, b2))
+            h = torch.bmm(x, _with_bias_row(w1, b1))  # (E, R, M); dropout: plain autograd
+            h = dropout(activation(h, self.act), self.p, self.training, stream=self.stream, rows=rows)
+            out = torch.baddbmm(b2.unsqueeze(1), h, w2)  # (E, R, D)
         return dropout(out, self.p, self.training, stream=self.stream + 1, rows=rows)
 
     def slab_width(self, device: torch.device) -> int:

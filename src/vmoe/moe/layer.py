@@ -129,6 +129,7 @@ class MoEMlp(nn.Module):
         impl = self.experts.resolved_impl(x, fill)
         grouped = here and impl == "grouped_mm"  # front-packed rows of a fixed count, device offsets
         packed = here and impl == "packed"
+        augmented = here and impl == "bmm"  # buffers whose tokens carry a ones column: b1 rides in the matmul
         dispatcher: Dispatcher
         if grouped or packed:
             width = self.experts.slab_width(x.device) if packed else 1
@@ -141,9 +142,9 @@ class MoEMlp(nn.Module):
             dispatcher = make_dispatcher(self.cfg.dispatch, routings)
         # Cast before the gather (N rows) rather than in the experts (k*C*N rows); same values.
         tokens = x_flat.to(compute_dtype(x_flat))
-        if grouped:
+        if grouped or augmented:
             tokens = self.experts.grouped_rows_input(tokens)  # (N, D + 8): a ones column carries b1
-        buffers = dispatcher.dispatch(tokens)  # (E, R, D), or (rows, D) packed
+        buffers = dispatcher.dispatch(tokens)  # (E, R, D) (D + 8 augmented), or (rows, D) packed
         rows = None
         row_experts = dispatcher.row_experts() if grouped else None  # (rows,): b2 by row, dropout ids
         offset = rng.image_offset() if self.training and self.experts.p > 0 else None
@@ -166,6 +167,8 @@ class MoEMlp(nn.Module):
         elif packed:
             assert isinstance(dispatcher, IndexDispatcher) and dispatcher.counts is not None
             y = self.experts.forward_rows(buffers, dispatcher.counts, rows, dispatcher.slabs)
+        elif augmented:
+            y = self.experts.forward_augmented(buffers, rows)
         elif self.expert_comm is not None:
             local, local_rows = self.expert_comm.dispatch(buffers, rows)
             y = self.expert_comm.combine(self.experts(local, local_rows))
