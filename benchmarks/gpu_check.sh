@@ -56,7 +56,7 @@ if [ "$DEVICE" = cuda ]; then
     TRAIN_ARGS=(--device cuda --impls loop,packed,grouped_mm)
     DROPLESS_ARGS=(--device cuda --num-experts 32 --impls grouped_mm --repeats 10)
 else  # the script's own dry run: tiny shapes on the CPU
-    LAYER_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls loop,grouped_mm)
+    LAYER_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls loop,grouped_mm,bmm_ones)
     TRAIN_ARGS=(--device cpu --small --repeats 2 --warmup 1 --impls loop)
     DROPLESS_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls grouped_mm)
 fi

@@ -15,7 +15,9 @@ Rows (``*_fwd``: forward only, eval mode, no grad; their ratio is to ``floor_fwd
     vmoe_einsum  MoEMlp, one-hot einsum dispatch (the reference backend)
     vmoe_bpr     MoEMlp, index dispatch, Batch Prioritized Routing on
     vmoe_<impl>  MoEMlp with the experts' matmuls forced to one implementation (``--impls``; on CUDA
-                 by default loop, packed, grouped_mm next to auto's choice, bmm)
+                 by default loop, packed, grouped_mm and bmm_ones next to auto's choice, bmm).
+                 bmm_ones: bmm with the first bias riding in the matmul as a ones column of the
+                 tokens (``Experts.bias_in_matmul``; bmm: added by baddbmm)
     loop         the same router, then a per-expert Python loop: gather by mask, MLP, scatter
     fairscale / tutel / tutel_bpr   peers, only when importable (never null):
                  ``TUTEL_SRC=<microsoft/tutel checkout> bash scripts/get_peers.sh`` builds both into
@@ -72,7 +74,12 @@ class Shapes:
         return round(self.k * (self.capacity_factor or 1.0) * self.num_tokens)
 
 
+#: Benchmark-only impl names: "bmm" with ``Experts.bias_in_matmul`` set.
+BMM_BIAS = {"bmm_ones": True}
+
+
 def make_layer(s: Shapes, *, dispatch: str = "index", bpr: bool = False, impl: str = "auto") -> MoEMlp:
+    """One layer at shapes ``s``; ``impl`` an experts impl, or one of :data:`BMM_BIAS`."""
     cfg = MoEConfig(
         router=RouterConfig(
             num_experts=s.num_experts, num_selected=s.k, capacity_factor=s.capacity_factor, batch_priority=bpr
@@ -80,9 +87,11 @@ def make_layer(s: Shapes, *, dispatch: str = "index", bpr: bool = False, impl: s
         group_size=s.group_size,
         dispatch=dispatch,
         expert_init="independent",
-        experts_impl=impl,
+        experts_impl="bmm" if impl in BMM_BIAS else impl,
     )
-    return MoEMlp(s.dim, s.hidden, cfg)
+    layer = MoEMlp(s.dim, s.hidden, cfg)
+    layer.experts.bias_in_matmul = BMM_BIAS.get(impl, False)
+    return layer
 
 
 def buffer_rows(layer: MoEMlp, s: Shapes) -> int:
@@ -541,7 +550,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--impls",
         default=None,
         help="comma-separated experts implementations to time as extra rows vmoe_<impl> "
-        "(bmm, loop, packed, grouped_mm; default: all but auto's choice on CUDA, none on CPU)",
+        "(bmm, loop, packed, grouped_mm, and bmm_ones: bmm with the first bias in the matmul; "
+        "default on CUDA: loop, packed, grouped_mm, bmm_ones; none on CPU)",
     )
     p.add_argument(
         "--heap-alloc",
@@ -566,7 +576,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.impls is not None:
         impls = tuple(i for i in a.impls.split(",") if i)
     elif cuda:
-        impls = ("loop", "packed") + (("grouped_mm",) if hasattr(torch, "_grouped_mm") else ())
+        impls = (
+            ("loop", "packed") + (("grouped_mm",) if hasattr(torch, "_grouped_mm") else ()) + ("bmm_ones",)
+        )
     else:
         impls = ()
     if a.shape:

@@ -469,8 +469,10 @@ def test_augmented_mlp_matches_baddbmm_autograd(act):
 
 
 def test_layer_bmm_runs_augmented_buffers(monkeypatch):
-    # The layer's "bmm" path feeds the experts augmented buffers (forward_augmented), and equals the
-    # plain batched experts (baddbmm biases) over the same buffers; with expert dropout too.
+    # With bias_in_matmul (off by default) the layer's "bmm" path feeds the experts augmented buffers
+    # (forward_augmented), and equals the plain batched experts (baddbmm biases) over the same buffers;
+    # with expert dropout too.
+    assert _layer(E=4).experts.bias_in_matmul is False
     calls = []
     real = Experts.forward_augmented
 
@@ -483,20 +485,25 @@ def test_layer_bmm_runs_augmented_buffers(monkeypatch):
     gy = torch.randn_like(x)
     for p in (0.0, 0.3):
         layer = _layer(E=4, C=0.75, group_size=2)
-        layer.experts.impl, layer.experts.p = "bmm", p
+        layer.experts.impl, layer.experts.p, layer.experts.bias_in_matmul = "bmm", p, True
         plain = _layer(E=4, C=0.75, group_size=2)
         plain.load_state_dict(layer.state_dict())
-        plain.experts.impl, plain.experts.p = "bmm", p
-        plain.expert_comm = _IdentityComm()  # buffers through expert_comm: plain (E, R, D) experts
+        plain.experts.impl, plain.experts.p = "bmm", p  # baddbmm biases
+        through_comm = _layer(E=4, C=0.75, group_size=2)
+        through_comm.load_state_dict(layer.state_dict())
+        through_comm.experts.impl, through_comm.experts.p = "bmm", p
+        through_comm.experts.bias_in_matmul = True  # never with expert_comm: buffers move as (E, R, D)
+        through_comm.expert_comm = _IdentityComm()
         res = []
-        for lay in (layer, plain):
+        for lay in (layer, plain, through_comm):
             calls.clear()
             with rng.positional_rng(seed=5):
                 res.append(_grads(lay, x, gy))
             assert bool(calls) == (lay is layer) and all(c[2] == 8 + 8 for c in calls)
-        torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-12, atol=1e-12)
-        for a, b in zip(res[0][2], res[1][2], strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        for other in res[1:]:
+            torch.testing.assert_close(res[0][0], other[0], rtol=1e-12, atol=1e-12)
+            for a, b in zip(res[0][2], other[2], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"forward_augmented expects \(4, R, 16\) buffers, got \(4, 3, 8\)"):
         layer.experts.forward_augmented(torch.zeros(4, 3, 8, dtype=torch.float64))
 
@@ -811,6 +818,7 @@ def test_static_shape_path_never_waits_for_the_device(impl, monkeypatch):
             layer = _layer(E=8, C=C, bpr=bpr, group_size=2, D=16, M=32).float()  # grouped_mm: no float64
             layer.experts.impl = impl
             layer.experts.p = 0.1
+            layer.experts.bias_in_matmul = True  # bmm's other form: buffers with a ones column
             x = torch.randn(5, 9, 16, requires_grad=True)
             with Syncs() as mode:
                 layer.train()

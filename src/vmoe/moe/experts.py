@@ -411,10 +411,15 @@ class _AugmentedMlp(torch.autograd.Function):
     Versus ``baddbmm(b1, x, w1)`` under autograd, the first bias rides in the matmul: no copy of the
     broadcast bias into the (E, R, M) output before the product, no read of it by the product
     (beta = 1), and no reduction of the (E, R, M) gradient for the bias's own gradient, which is
-    the row of the ones column in the first kernel's gradient. Three passes over the largest
-    activations less per training step; the same function (an empty slot's row has no ones, so
-    its hidden row is 0 rather than ``act(b1)``, and it is never read by the combine nor reaches a
-    gradient). Saves x, the pre-activation, the activation and the two kernels, as autograd would.
+    the row of the ones column in the first kernel's gradient: three memory-bound passes over the
+    largest activations less per training step. The price: 8 more columns in the first product and
+    8 more rows in its weight gradient, which can cost a whole extra GEMM tile when D is a multiple
+    of the tile (D 768: 13 K-tiles of 64 instead of 12). On the CPU it measured 3-5% slower than
+    ``baddbmm`` (benchmarks/RESULTS.md); on a GPU it is raced by ``benchmarks/gpu_check.sh``
+    (row ``vmoe_bmm_ones``), and stays off (``Experts.bias_in_matmul``) until that says otherwise.
+    The same function: an empty slot's row has no ones, so its hidden row is 0 rather than
+    ``act(b1)``; it is never read by the combine nor reaches a gradient. Saves x, the
+    pre-activation, the activation and the kernels as given, as autograd would.
     """
 
     @staticmethod
@@ -434,13 +439,13 @@ class _AugmentedMlp(torch.autograd.Function):
             return torch.baddbmm(b2.unsqueeze(1), _ACT_INPLACE[act](h), w2)
         a = activation(h, act)
         ctx.act = act
-        ctx.save_for_backward(x, h, a, w1a, w2)
+        ctx.save_for_backward(x, h, a, w1, b1, w2)  # the kernels as given: [w1; b1; 0] is rebuilt
         return torch.baddbmm(b2.unsqueeze(1), a, w2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, h, a, w1a, w2 = ctx.saved_tensors
+        x, h, a, w1, b1, w2 = ctx.saved_tensors
         D = w2.shape[2]
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         g = g.contiguous()
@@ -455,7 +460,7 @@ class _AugmentedMlp(torch.autograd.Function):
                 gw1a = torch.bmm(x.transpose(1, 2), gh)  # (E, D + 8, M): row D is the bias's gradient
                 gw1, gb1 = gw1a[:, :D], gw1a[:, D]
             if need_x:
-                gx = torch.bmm(gh, w1a.transpose(1, 2))  # (E, R, D + 8)
+                gx = torch.bmm(gh, _with_bias_row(w1, b1).transpose(1, 2))  # (E, R, D + 8)
         return gx, gw1, gb1, gw2, gb2, None, None
 
 
@@ -477,10 +482,10 @@ class Experts(nn.Module):
 
     How the matmuls run (``impl``; every one computes the same function, tests check they agree):
 
-    - ``"bmm"``: two batched matmuls over the buffers. Static shapes, no host synchronisation (CUDA
-      graphs, ``torch.compile``). In :class:`~vmoe.moe.MoEMlp` (index dispatch, experts held here)
-      the tokens carry a ones column, so the first bias rides in the first matmul
-      (:meth:`forward_augmented`); given (E, R, D) buffers directly, ``baddbmm`` adds the biases.
+    - ``"bmm"``: two batched matmuls over the buffers, biases by ``baddbmm``. Static shapes, no host
+      synchronisation (CUDA graphs, ``torch.compile``). With ``bias_in_matmul`` (in
+      :class:`~vmoe.moe.MoEMlp`: index dispatch, experts held here) the tokens carry a ones column
+      and the first bias rides in the first matmul (:meth:`forward_augmented`).
     - ``"loop"``: per-expert ``addmm`` over each buffer (on CUDA the bias, and in inference the
       tanh-GELU too, run in the cuBLASLt epilogue; on the CPU with two or more threads, experts go
       in pairs, one batched matmul per pair: :meth:`slab_width`), in one hand-written autograd
@@ -528,6 +533,9 @@ class Experts(nn.Module):
         self.init = init
         self.stream = stream
         self.impl = impl
+        #: ``"bmm"`` in the layer: the first bias rides in the matmul (a ones column of the tokens,
+        #: :meth:`forward_augmented`) instead of ``baddbmm``. Off by default: see :class:`_AugmentedMlp`.
+        self.bias_in_matmul = False
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))

@@ -129,7 +129,8 @@ class MoEMlp(nn.Module):
         impl = self.experts.resolved_impl(x, fill)
         grouped = here and impl == "grouped_mm"  # front-packed rows of a fixed count, device offsets
         packed = here and impl == "packed"
-        augmented = here and impl == "bmm"  # buffers whose tokens carry a ones column: b1 rides in the matmul
+        # bmm over buffers whose tokens carry a ones column (b1 rides in the matmul), when asked for.
+        augmented = here and impl == "bmm" and self.experts.bias_in_matmul
         dispatcher: Dispatcher
         if grouped or packed:
             width = self.experts.slab_width(x.device) if packed else 1
