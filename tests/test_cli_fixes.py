@@ -280,3 +280,69 @@ def test_demo_readme_reproduces_recipe_and_set(tmp_path, capsys):
     assert rc == 0, err
     readme = (out / "README.md").read_text()
     assert f"Reproduce: `vmoe demo --out {out} --recipe tiny --set steps=1 max_test=16`" in readme
+
+
+# ----------------------------------------------------------------------------- a user's walkthrough (2026-12-05)
+
+
+def _two_checkpoint_run(root: Path) -> Path:
+    out = root / "run"
+    argv = ["train", "--recipe", "tiny", "--out", str(out), "--no-progress"]
+    assert main([*argv, "--set", "steps=2", "checkpoint_every=1", "keep_checkpoints=3"]) == 0
+    return out
+
+
+def test_eval_names_its_checkpoint_and_a_skipped_incomplete_one(tmp_path, capsys):
+    out = _two_checkpoint_run(tmp_path)
+    capsys.readouterr()
+    newest = latest_checkpoint(out)
+    (newest / "COMPLETE").unlink()  # an interrupted save: eval falls back to the older checkpoint
+    assert main(["eval", "--checkpoint", str(out), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    older = latest_checkpoint(out)
+    assert older != newest and f"checkpoint {older} (step 1)" in captured.out
+    assert f"{newest.name} in {newest.parent} incomplete" in captured.err and older.name in captured.err
+
+
+def test_resume_past_a_damaged_checkpoint_names_the_older_one(tmp_path, capsys):
+    out = _two_checkpoint_run(tmp_path)
+    newest = latest_checkpoint(out)
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    rc, err = run_cli(["train", "--out", out, "--resume", "--set", "steps=3", "--no-progress"], capsys)
+    assert_one_line_error(rc, err, "checksum mismatch", "older complete checkpoint exists (step_00000001)")
+
+
+def test_unknown_key_lists_the_keys_and_a_non_npz_is_named(tmp_path, capsys):
+    rc, err = run_cli(["train", "--out", tmp_path / "a", "--set", "bogus=1"], capsys)
+    assert_one_line_error(rc, err, "unknown config key 'bogus'", "batch_size", "lr", "model.KEY=value")
+    junk = tmp_path / "junk.npz"
+    junk.write_text("not an archive\n")
+    rc, err = run_cli(["train", "--out", tmp_path / "b", "--data", junk], capsys)
+    assert_one_line_error(rc, err, f"{junk}: not a .npz archive")
+    assert "pickle" not in err
+    single = tmp_path / "single.npz"
+    with open(single, "wb") as f:
+        np.save(f, np.zeros(3))
+    rc, err = run_cli(["train", "--out", tmp_path / "c", "--data", single], capsys)
+    assert_one_line_error(rc, err, "a single .npy array, not a .npz archive")
+
+
+def test_progress_bars_refresh_rarely_into_a_log_file(monkeypatch):
+    # tqdm's carriage-return updates pile up on one line in a log: rare refreshes when stderr is no TTY.
+    import io
+
+    from vmoe._progress import LOG_REFRESH_S, bar_kwargs
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert bar_kwargs() == {"mininterval": LOG_REFRESH_S}
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stderr", Tty())
+    assert bar_kwargs() == {}

@@ -284,6 +284,8 @@ def _load_for_eval(
     _check_device(device)
     dev = resolve_device(device)
     ck = load_checkpoint(checkpoint, train_state=False)  # the weights and configs, read once
+    _note_skipped_checkpoints(Path(checkpoint), Path(ck["path"]))
+    print(f"checkpoint {ck['path']} (step {ck['step']})", flush=True)
     tc = _checkpoint_json(ck, "train_config", "train_config.json") or {}
     d = _checkpoint_json(ck, "data_info", "data_info.json")
     model = model_from_checkpoint(ck, dev)
@@ -329,6 +331,23 @@ def _load_for_eval(
     if info.num_classes > model.cfg.num_classes:
         raise ValueError(f"{spec}: {info.num_classes} classes, the model has {model.cfg.num_classes} outputs")
     return model, test, info, dev, ck
+
+
+def _note_skipped_checkpoints(given: Path, chosen: Path) -> None:
+    """Say so when a run directory's newest checkpoint directory was passed over (incomplete: an
+    interrupted save), so nobody mistakes an older checkpoint's numbers for the newest's."""
+    if chosen.parent != given / "checkpoints":
+        return
+    newer = sorted(
+        p.name
+        for p in chosen.parent.iterdir()
+        if p.is_dir()
+        and p.name.startswith("step_")
+        and p.name > chosen.name
+        and not (p / "COMPLETE").exists()
+    )
+    if newer:
+        _note(f"{', '.join(newer)} in {chosen.parent} incomplete (no COMPLETE marker): using {chosen.name}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -436,11 +455,28 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help with "(default: X)" after options that have a default worth saying (not None or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _default_capacities() -> tuple[float, ...]:
+    from vmoe.eval.evaluate import DEFAULT_CAPACITIES
+
+    return tuple(DEFAULT_CAPACITIES)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vmoe", description="Sparse Vision Mixture-of-Experts (V-MoE) in PyTorch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    fmt = {"formatter_class": _DefaultsFormatter}
 
-    t = sub.add_parser("train", help="train a model (a named recipe, overridden by flags)")
+    t = sub.add_parser("train", help="train a model (a named recipe, overridden by flags)", **fmt)
     t.add_argument(
         "--recipe", help="named recipe (see `vmoe list`; default: default, or the run's own with --resume)"
     )
@@ -448,17 +484,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="built-in dataset (digits, cifar10, synthetic) or a path")
     t.add_argument("--out", required=True, help="run directory")
     g = t.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--image-size", type=int)
-    t.add_argument("--patch-size", type=int)
-    t.add_argument("--num-experts", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--log-every", type=int)
-    t.add_argument("--eval-every", type=int)
-    t.add_argument("--checkpoint-every", type=int)
+    g.add_argument("--epochs", type=float, help="passes over the training set (the recipe's if not given)")
+    g.add_argument("--steps", type=int, help="optimizer steps, instead of --epochs")
+    t.add_argument("--batch-size", type=int, help="global batch per optimizer step")
+    t.add_argument("--image-size", type=int, help="resize images to this side at load time")
+    t.add_argument("--patch-size", type=int, help="ViT patch size (model.patch_size)")
+    t.add_argument("--num-experts", type=int, help="experts per MoE layer (model.num_experts)")
+    t.add_argument("--lr", type=float, help="peak learning rate (AdamW, warmup then cosine)")
+    t.add_argument(
+        "--seed", type=int, help="seed of initialisation, data order, augmentation and routing noise"
+    )
+    t.add_argument("--log-every", type=int, help="steps between log lines")
+    t.add_argument("--eval-every", type=int, help="steps between test evaluations (0: at the end only)")
+    t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: at the end only)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -470,37 +508,56 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override config keys; model.KEY=VALUE for the model (repeatable)",
     )
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint; --sweep for the capacity x k x BPR sweep")
+    e = sub.add_parser("eval", help="evaluate a checkpoint; --sweep for the capacity x k x BPR sweep", **fmt)
     e.add_argument("--checkpoint", required=True, help="run directory (its newest checkpoint) or checkpoint")
     e.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
-    e.add_argument("--sweep", action="store_true")
-    e.add_argument("--capacities", type=float, nargs="+", help="test-time capacity factors (with --sweep)")
+    e.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also sweep test-time capacity C x k x {vanilla, BPR}: table and plot",
+    )
+    e.add_argument(
+        "--capacities",
+        type=float,
+        nargs="+",
+        help="test-time capacity factors (with --sweep; default: "
+        + ", ".join(f"{c:g}" for c in _default_capacities())
+        + ")",
+    )
     e.add_argument("--json", help="write the results here")
     e.add_argument("--plot", help="sweep plot path (default: next to --json, or in the run directory)")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--max-images", type=int)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    e.add_argument(
+        "--max-images", type=int, help="evaluate on a seeded subset of at most this many test images"
+    )
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_eval)
 
-    a = sub.add_parser("analyze", help="routing pictures: patch->expert maps, BPR masks, expert x class")
-    a.add_argument("--checkpoint", required=True)
-    a.add_argument("--data")
+    a = sub.add_parser(
+        "analyze", help="routing pictures: patch->expert maps, BPR masks, expert x class", **fmt
+    )
+    a.add_argument("--checkpoint", required=True, help="run directory (its newest checkpoint) or checkpoint")
+    a.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
     a.add_argument("--out", help="output directory (default: RUN/analysis)")
     a.add_argument("--capacity", type=float, default=0.5, help="test-time capacity factor for the BPR masks")
-    a.add_argument("--num-samples", type=int, default=8)
-    a.add_argument("--max-images", type=int, default=2000)
-    a.add_argument("--device", default="auto")
+    a.add_argument("--num-samples", type=int, default=8, help="test images drawn with their routing maps")
+    a.add_argument(
+        "--max-images", type=int, default=2000, help="test images for the expert x class statistics"
+    )
+    a.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     a.set_defaults(func=_cmd_analyze)
 
-    d = sub.add_parser("demo", help="the main job: train on built-in data, sweep, analyze, write a report")
-    d.add_argument("--out", default="report")
-    d.add_argument("--recipe", default="default")
+    d = sub.add_parser(
+        "demo", help="the main job: train on built-in data, sweep, analyze, write a report", **fmt
+    )
+    d.add_argument("--out", default="report", help="report directory (README.md, plots, the run)")
+    d.add_argument("--recipe", default="default", help="training recipe (see `vmoe list`)")
     d.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE", help="as for train (repeatable)")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
 
     sub.add_parser("list", help="list models and recipes").set_defaults(func=_cmd_list)

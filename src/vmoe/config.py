@@ -19,7 +19,7 @@ DispatchBackend = Literal["index", "einsum"]
 
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        kind = "" if isinstance(value, int) else f" (a {type(value).__name__}, not a Python int)"
+        kind = "" if isinstance(value, int) else f" (a {type(value).__name__}; expected an integer)"
         raise ValueError(f"{name} must be a positive integer, got {value!r}{kind}")
 
 

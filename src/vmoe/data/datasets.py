@@ -222,7 +222,11 @@ def _progress(iterable, total: int, desc: str, enabled: bool = True):  # type: i
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         return iterable
-    return tqdm(iterable, total=total, desc=desc, unit="img", leave=False, mininterval=0.5)
+    from vmoe._progress import bar_kwargs
+
+    return tqdm(
+        iterable, total=total, desc=desc, unit="img", leave=False, **{"mininterval": 0.5, **bar_kwargs()}
+    )
 
 
 def _cache_dir() -> Path:
@@ -367,9 +371,15 @@ def _to_nhwc(x: np.ndarray, path: str, key: str, data_format: str | None = None)
 
 def _open_npz(path: str) -> np.lib.npyio.NpzFile:
     try:
-        return np.load(path, allow_pickle=False)
+        z = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read as a .npz archive ({e})") from e
+        # numpy's own message for a non-archive (pickle advice, byte dumps) does not help here.
+        raise ValueError(f"{path}: not a .npz archive (a zip of .npy arrays, as numpy.savez writes)") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a single .npy array saved under a .npz name
+        raise ValueError(
+            f"{path}: a single .npy array, not a .npz archive (expected numpy.savez's zip of arrays)"
+        )
+    return z
 
 
 def _npz_get(z: np.lib.npyio.NpzFile, key: str, path: str) -> np.ndarray:

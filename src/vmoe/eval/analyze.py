@@ -174,6 +174,7 @@ def analyze(
         ax.set_yticks(range(len(classes)))
         ax.set_yticklabels(classes, fontsize=7)
         ax.set_xlabel("expert (top-1 choice)")
+        ax.set_ylabel("class")
         ax.set_title(f"block {i}: share of each class's patches per expert", fontsize=9)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
@@ -230,8 +231,9 @@ def analyze(
         for ax in axes[r]:
             ax.set_xlabel("expert")
             ax.set_xticks(xs)
-        axes[r][0].legend(fontsize=7)
-    fig.tight_layout()
+    # One legend above the plots, where no bar can be under it.
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
     fig.savefig(out / "expert_load.png", dpi=110)
     plt.close(fig)
 

@@ -207,8 +207,11 @@ def sweep(
     settings = [(c, k, b) for k in ks for b in bpr for c in capacities if k <= num_experts]
     from tqdm.auto import tqdm
 
+    from vmoe._progress import bar_kwargs
+
     rows = []
-    for c, k, b in tqdm(settings, desc="capacity sweep", unit="setting", disable=not progress):
+    bar = tqdm(settings, desc="capacity sweep", unit="setting", disable=not progress, **bar_kwargs())
+    for c, k, b in bar:
         with (
             vmoe.routing_overrides(model, capacity_factor=c, num_selected=k, batch_priority=b),
             warnings.catch_warnings(),

@@ -68,8 +68,8 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 def _unknown_model(name: str) -> ValueError:
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
-    hint = f"; did you mean {close}?" if close else ""
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
     return ValueError(f"unknown model {name!r}{hint} (available: {', '.join(sorted(_REGISTRY))})")
 
 

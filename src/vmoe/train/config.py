@@ -104,7 +104,7 @@ class TrainConfig:
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{n} must be an integer >= 0, got {v!r}")
         if self.steps is None and (self.epochs is None or not self.epochs > 0):
-            raise ValueError(f"epochs must be > 0 when steps is not set, got {self.epochs!r}")
+            raise ValueError(f"epochs must be > 0 when steps is not set, got {self.epochs:g}")
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}"
@@ -271,7 +271,10 @@ def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
 
             close = difflib.get_close_matches(key, sorted(fields), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"unknown config key {key!r}{hint}; model keys go as model.KEY=value")
+            raise ValueError(
+                f"unknown config key {key!r}{hint}; expected one of {', '.join(sorted(fields - {'model_overrides'}))}, "
+                "or model.KEY=value for the model"
+            )
         d[key] = parse_value(text, _field_type(TrainConfig, key), key)
         given.add(key)
     for length, other in (("steps", "epochs"), ("epochs", "steps")):

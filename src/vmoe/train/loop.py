@@ -24,9 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vmoe import rng
+from vmoe._progress import bar_kwargs
 from vmoe.models.registry import get_config
 from vmoe.train.checkpoint import (
+    CheckpointError,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     load_model_weights,
     load_optimizer_state,
@@ -346,7 +349,16 @@ class Trainer:
             if ckpt is None:
                 self.log(f"--resume: no checkpoint in {self.out}, starting fresh")
             else:
-                state = load_checkpoint(ckpt, map_location="cpu")
+                try:
+                    state = load_checkpoint(ckpt, map_location="cpu")
+                except CheckpointError as e:
+                    older = list_checkpoints(self.out)[:-1]
+                    if not older:
+                        raise
+                    raise CheckpointError(
+                        f"{e}; an older complete checkpoint exists ({older[-1].name}): move {ckpt} out of "
+                        f"{ckpt.parent} to resume from it"
+                    ) from None
                 _check_resumable(ckpt, state, self.model_config, cfg.to_dict(), self.log)
                 load_model_weights(self.model, state["state_dict"], ckpt / "model.safetensors")
                 self.step = int(state["step"])
@@ -565,6 +577,7 @@ class Trainer:
             dynamic_ncols=True,
             disable=not (self.progress and self.is_main),
             desc=f"train {cfg.model}",
+            **bar_kwargs(),
         )
         last_loss = self.resumed_loss
         accuracy = None
