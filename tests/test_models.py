@@ -518,7 +518,9 @@ def test_errors():
         vmoe.create_model("vmoe_ti", batch_priority="false")
     with pytest.raises(ValueError, match="capacity_factor must be a number > 0"):
         vmoe.create_model("vmoe_ti", capacity_factor=True)
-    with pytest.raises(ValueError, match=r"num_experts must be a positive integer, got 8\.0 \(a float; expected an integer\)"):
+    with pytest.raises(
+        ValueError, match=r"num_experts must be a positive integer, got 8\.0 \(a float; expected an integer\)"
+    ):
         vmoe.create_model("vmoe_ti", num_experts=8.0)
     with pytest.raises(ValueError, match="moe_layers"):
         vmoe.create_model("vmoe_ti", moe_layers="first:2")

@@ -438,6 +438,8 @@ def test_eval_sweep_json_and_plot(trained, tmp_path):
 
 def test_analyze_files(trained, tmp_path):
     out = tmp_path / "an"
+    out.mkdir()
+    (out / "expert_class_layer99.png").write_bytes(b"from an earlier analysis of a deeper model")
     assert main(["analyze", "--checkpoint", str(trained), "--out", str(out), "--num-samples", "3"]) == 0
     for f in ("routing_examples.png", "expert_load.png", "analysis.md", "analysis.json"):
         assert (out / f).exists(), f
@@ -445,7 +447,8 @@ def test_analyze_files(trained, tmp_path):
     assert summary["layers"]
     for layer in summary["layers"].values():
         assert abs(sum(layer["expert_load"]) - 1.0) < 1e-3
-    assert list(out.glob("expert_class_layer*.png"))
+    heatmaps = {p.name for p in out.glob("expert_class_layer*.png")}
+    assert heatmaps == {f"expert_class_layer{i}.png" for i in summary["layers"]}  # the stale one is gone
 
 
 @pytest.mark.parametrize(

@@ -404,7 +404,7 @@ def _load_digits(test_fraction: float, seed: int) -> tuple[ImageDataset, ImageDa
     tr, te = stratified_split(labels, test_fraction, seed)
     meta = {
         "name": "digits",
-        "source": "sklearn.datasets.load_digits (UCI Optical Recognition of Handwritten Digits, 8x8)",
+        "source": "sklearn.datasets.load_digits, 8x8",
         "license": _DIGITS_LICENSE,
         "default_hflip": False,
     }

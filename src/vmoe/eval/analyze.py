@@ -158,7 +158,10 @@ def analyze(
     fig.savefig(out / "routing_examples.png", dpi=110)
     plt.close(fig)
 
-    # 2. Expert x class heatmaps.
+    # 2. Expert x class heatmaps (those of an earlier analysis of another model in `out` go first).
+    for stale in out.glob("expert_class_layer*.png"):
+        if stale.name not in {f"expert_class_layer{i}.png" for i in layer_ids}:
+            stale.unlink()
     summary: dict[str, Any] = {"capacity_factor": capacity_factor, "num_images": n, "layers": {}}
     heat_files = []
     for i in layer_ids:
