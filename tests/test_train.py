@@ -268,6 +268,8 @@ def test_run_length_is_steps_or_epochs():
         apply_overrides(tiny, ["epochs=0"])
     with pytest.raises(ValueError, match="steps=none needs epochs="):
         apply_overrides(tiny, ["steps=none"])
+    with pytest.raises(ValueError, match="epochs must be > 0 when steps is not set, got None"):
+        apply_overrides(tiny, ["steps=none", "epochs=none"])
     both = apply_overrides(tiny, ["steps=4", "epochs=2"])  # both given: steps wins, as documented
     assert both.steps == 4 and both.epochs == 2
 

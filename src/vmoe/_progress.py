@@ -12,5 +12,7 @@ LOG_REFRESH_S = 30.0
 
 def bar_kwargs() -> dict[str, Any]:
     """Extra ``tqdm`` keyword arguments: rare refreshes when stderr goes to a file or a pipe."""
+    if "ipykernel" in sys.modules:  # Jupyter: tqdm.auto draws a widget, not lines
+        return {}
     isatty = getattr(sys.stderr, "isatty", None)
     return {} if isatty is not None and isatty() else {"mininterval": LOG_REFRESH_S}

@@ -194,6 +194,16 @@ def _train_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
+def _destroy_process_group() -> None:
+    """After a finished run under torchrun: destroy the process groups before the interpreter exits
+    (left to its teardown, gloo's threads aborted a finished rank once in CI: "terminate called
+    without an active exception"). Only on success: on an error the exception has the floor."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import vmoe
     from vmoe.train.loop import train
@@ -203,6 +213,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _check_device(cfg.device)
     vmoe.create_model  # noqa: B018 - fail early on a broken install
     res = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    _destroy_process_group()
     if res.accuracy is not None and int(os.environ.get("RANK", "0")) == 0:  # one line under torchrun
         print(
             json.dumps(
@@ -284,8 +295,6 @@ def _load_for_eval(
     _check_device(device)
     dev = resolve_device(device)
     ck = load_checkpoint(checkpoint, train_state=False)  # the weights and configs, read once
-    _note_skipped_checkpoints(Path(checkpoint), Path(ck["path"]))
-    print(f"checkpoint {ck['path']} (step {ck['step']})", flush=True)
     tc = _checkpoint_json(ck, "train_config", "train_config.json") or {}
     d = _checkpoint_json(ck, "data_info", "data_info.json")
     model = model_from_checkpoint(ck, dev)
@@ -330,6 +339,9 @@ def _load_for_eval(
         test, info = _map_classes(test, info, trained, spec)
     if info.num_classes > model.cfg.num_classes:
         raise ValueError(f"{spec}: {info.num_classes} classes, the model has {model.cfg.num_classes} outputs")
+    # Loaded: which checkpoint (after every check, so that an error stays one line).
+    _note_skipped_checkpoints(Path(checkpoint), Path(ck["path"]))
+    _note(f"checkpoint {ck['path']} (step {ck['step']})")
     return model, test, info, dev, ck
 
 

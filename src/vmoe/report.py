@@ -110,7 +110,7 @@ def main_job(
         "",
         f"- data: {info.name} ({info.source}; {info.license}); {len(trainer.train_set)} train / {len(test)} test "
         f"images, {info.image_size}x{info.image_size}x{info.channels} as trained"
-        f"{f' (image_size={cfg.image_size}: resized at load time)' if cfg.image_size else ''}, "
+        f"{f' (the recipe sets image_size={cfg.image_size})' if cfg.image_size else ''}, "
         f"{info.num_classes} classes",
         f"- model: `{cfg.model}` with {json.dumps(cfg.model_overrides)}; {params / 1e6:.3f}M parameters; "
         f"MoE blocks {[i for i, _ in model.moe_layers()]}",

@@ -372,9 +372,11 @@ def _to_nhwc(x: np.ndarray, path: str, key: str, data_format: str | None = None)
 def _open_npz(path: str) -> np.lib.npyio.NpzFile:
     try:
         z = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, ValueError, EOFError) as e:
         # numpy's own message for a non-archive (pickle advice, byte dumps) does not help here.
         raise ValueError(f"{path}: not a .npz archive (a zip of .npy arrays, as numpy.savez writes)") from e
+    except OSError as e:  # unreadable (permissions, I/O): the cause is the message
+        raise ValueError(f"{path}: cannot read ({e})") from e
     if not isinstance(z, np.lib.npyio.NpzFile):  # a single .npy array saved under a .npz name
         raise ValueError(
             f"{path}: a single .npy array, not a .npz archive (expected numpy.savez's zip of arrays)"

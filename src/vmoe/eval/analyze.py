@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,9 @@ def analyze(
 
     # 2. Expert x class heatmaps (those of an earlier analysis of another model in `out` go first).
     for stale in out.glob("expert_class_layer*.png"):
-        if stale.name not in {f"expert_class_layer{i}.png" for i in layer_ids}:
+        if re.fullmatch(r"expert_class_layer\d+\.png", stale.name) and stale.name not in {
+            f"expert_class_layer{i}.png" for i in layer_ids
+        }:
             stale.unlink()
     summary: dict[str, Any] = {"capacity_factor": capacity_factor, "num_images": n, "layers": {}}
     heat_files = []

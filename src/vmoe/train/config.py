@@ -104,7 +104,7 @@ class TrainConfig:
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{n} must be an integer >= 0, got {v!r}")
         if self.steps is None and (self.epochs is None or not self.epochs > 0):
-            raise ValueError(f"epochs must be > 0 when steps is not set, got {self.epochs:g}")
+            raise ValueError(f"epochs must be > 0 when steps is not set, got {self.epochs!r}")
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}"

@@ -718,25 +718,5 @@ def train(
     progress: bool = True,
     layout: Any = None,
 ) -> TrainResult:
-    """Train ``cfg`` into ``out_dir`` (config.json, metrics.jsonl, checkpoints/).
-
-    Under torchrun (or with ``cfg.expert_parallel`` > 1) and no ``layout`` given, the process groups
-    are set up here and, unless the caller had initialised ``torch.distributed``, destroyed at the end
-    whatever the outcome: left to the interpreter's exit, gloo's threads could abort a finished rank
-    ("terminate called without an active exception").
-    """
-    owned = None
-    if layout is None and (cfg.expert_parallel != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        from vmoe import parallel
-
-        dist = torch.distributed
-        ours = not (dist.is_available() and dist.is_initialized())  # a caller's process group stays
-        layout = parallel.setup(cfg.expert_parallel)
-        owned = layout if ours else None
-    try:
-        return Trainer(cfg, out_dir, resume=resume, progress=progress, layout=layout).fit()
-    finally:
-        if owned is not None:
-            from vmoe import parallel
-
-            parallel.shutdown(owned)
+    """Train ``cfg`` into ``out_dir`` (config.json, metrics.jsonl, checkpoints/)."""
+    return Trainer(cfg, out_dir, resume=resume, progress=progress, layout=layout).fit()
