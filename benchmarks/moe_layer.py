@@ -74,12 +74,9 @@ class Shapes:
         return round(self.k * (self.capacity_factor or 1.0) * self.num_tokens)
 
 
-#: Benchmark-only impl names: "bmm" with ``Experts.bias_in_matmul`` set.
-BMM_BIAS = {"bmm_ones": True}
-
-
 def make_layer(s: Shapes, *, dispatch: str = "index", bpr: bool = False, impl: str = "auto") -> MoEMlp:
-    """One layer at shapes ``s``; ``impl`` an experts impl, or one of :data:`BMM_BIAS`."""
+    """One layer at shapes ``s``; ``impl`` an experts impl, or ``bmm_ones`` (``bmm`` with
+    ``Experts.bias_in_matmul``: the first bias riding in the matmul)."""
     cfg = MoEConfig(
         router=RouterConfig(
             num_experts=s.num_experts, num_selected=s.k, capacity_factor=s.capacity_factor, batch_priority=bpr
@@ -87,10 +84,10 @@ def make_layer(s: Shapes, *, dispatch: str = "index", bpr: bool = False, impl: s
         group_size=s.group_size,
         dispatch=dispatch,
         expert_init="independent",
-        experts_impl="bmm" if impl in BMM_BIAS else impl,
+        experts_impl="bmm" if impl == "bmm_ones" else impl,
     )
     layer = MoEMlp(s.dim, s.hidden, cfg)
-    layer.experts.bias_in_matmul = BMM_BIAS.get(impl, False)
+    layer.experts.bias_in_matmul = impl == "bmm_ones"
     return layer
 
 

@@ -477,13 +477,9 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return text
 
 
-def _default_capacities() -> tuple[float, ...]:
+def build_parser() -> argparse.ArgumentParser:
     from vmoe.eval.evaluate import DEFAULT_CAPACITIES
 
-    return tuple(DEFAULT_CAPACITIES)
-
-
-def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vmoe", description="Sparse Vision Mixture-of-Experts (V-MoE) in PyTorch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     fmt = {"formatter_class": _DefaultsFormatter}
@@ -536,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         nargs="+",
         help="test-time capacity factors (with --sweep; default: "
-        + ", ".join(f"{c:g}" for c in _default_capacities())
+        + ", ".join(f"{c:g}" for c in DEFAULT_CAPACITIES)
         + ")",
     )
     e.add_argument("--json", help="write the results here")

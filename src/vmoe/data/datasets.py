@@ -224,9 +224,8 @@ def _progress(iterable, total: int, desc: str, enabled: bool = True):  # type: i
         return iterable
     from vmoe._progress import bar_kwargs
 
-    return tqdm(
-        iterable, total=total, desc=desc, unit="img", leave=False, **{"mininterval": 0.5, **bar_kwargs()}
-    )
+    kwargs = {"mininterval": 0.5, **bar_kwargs()}  # rarer refreshes into a log file
+    return tqdm(iterable, total=total, desc=desc, unit="img", leave=False, **kwargs)
 
 
 def _cache_dir() -> Path:
