@@ -56,7 +56,7 @@ if [ "$DEVICE" = cuda ]; then
     TRAIN_ARGS=(--device cuda --impls loop,packed,grouped_mm)
     DROPLESS_ARGS=(--device cuda --num-experts 32 --impls grouped_mm --repeats 10)
 else  # the script's own dry run: tiny shapes on the CPU
-    LAYER_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls loop,grouped_mm,bmm_ones)
+    LAYER_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls loop,grouped_mm,bmm_ones,bmm_unfused)
     TRAIN_ARGS=(--device cpu --small --repeats 2 --warmup 1 --impls loop)
     DROPLESS_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls grouped_mm)
 fi
@@ -72,7 +72,7 @@ PYEOF
 
 if "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
     echo "== CUDA unit tests (-m gpu)"
-    timeout 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_moe_layer.py
+    timeout 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_moe_layer.py tests/test_fused.py
     rc=$?
     [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || status=1  # 5: none collected (not on a GPU)
 else

@@ -15,9 +15,11 @@ Rows (``*_fwd``: forward only, eval mode, no grad; their ratio is to ``floor_fwd
     vmoe_einsum  MoEMlp, one-hot einsum dispatch (the reference backend)
     vmoe_bpr     MoEMlp, index dispatch, Batch Prioritized Routing on
     vmoe_<impl>  MoEMlp with the experts' matmuls forced to one implementation (``--impls``; on CUDA
-                 by default loop, packed, grouped_mm and bmm_ones next to auto's choice, bmm).
-                 bmm_ones: bmm with the first bias riding in the matmul as a ones column of the
-                 tokens (``Experts.bias_in_matmul``; bmm: added by baddbmm)
+                 by default loop, packed, grouped_mm, bmm_ones and bmm_unfused next to auto's
+                 choice, bmm). On CUDA, bmm runs the first bias and the activation in one Triton
+                 kernel each way (``Experts.fused_bias_act``); bmm_unfused: the stock ops instead
+                 (baddbmm, then the activation). bmm_ones: bmm with the first bias riding in the
+                 matmul as a ones column of the tokens (``Experts.bias_in_matmul``)
     loop         the same router, then a per-expert Python loop: gather by mask, MLP, scatter
     fairscale / tutel / tutel_bpr   peers, only when importable (never null):
                  ``TUTEL_SRC=<microsoft/tutel checkout> bash scripts/get_peers.sh`` builds both into
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 
 from vmoe.config import MoEConfig, RouterConfig
 from vmoe.layers import compute_dtype
-from vmoe.moe import MoEMlp, routing_chunks
+from vmoe.moe import MoEMlp, fused, routing_chunks
 
 # ----------------------------------------------------------------------------------------- shapes
 
@@ -76,7 +78,8 @@ class Shapes:
 
 def make_layer(s: Shapes, *, dispatch: str = "index", bpr: bool = False, impl: str = "auto") -> MoEMlp:
     """One layer at shapes ``s``; ``impl`` an experts impl, or ``bmm_ones`` (``bmm`` with
-    ``Experts.bias_in_matmul``: the first bias riding in the matmul)."""
+    ``Experts.bias_in_matmul``: the first bias riding in the matmul), or ``bmm_unfused`` (``bmm``
+    without ``Experts.fused_bias_act``)."""
     cfg = MoEConfig(
         router=RouterConfig(
             num_experts=s.num_experts, num_selected=s.k, capacity_factor=s.capacity_factor, batch_priority=bpr
@@ -84,11 +87,24 @@ def make_layer(s: Shapes, *, dispatch: str = "index", bpr: bool = False, impl: s
         group_size=s.group_size,
         dispatch=dispatch,
         expert_init="independent",
-        experts_impl="bmm" if impl == "bmm_ones" else impl,
+        experts_impl="bmm" if impl in ("bmm_ones", "bmm_unfused") else impl,
     )
     layer = MoEMlp(s.dim, s.hidden, cfg)
     layer.experts.bias_in_matmul = impl == "bmm_ones"
+    layer.experts.fused_bias_act = impl != "bmm_unfused"
     return layer
+
+
+def fused_status(device: torch.device) -> str:
+    """Whether the bmm experts ran the fused bias+activation kernels here, or why not."""
+    if fused._disabled is not None:
+        return f"off after a failure: {fused._disabled}"
+    probe = torch.empty(1, 1, 8, device=device, dtype=torch.bfloat16)
+    return (
+        "on (Triton)"
+        if fused.fused_bias_act_usable(probe, "gelu_tanh")
+        else "off (stock ops: no CUDA or no Triton)"
+    )
 
 
 def buffer_rows(layer: MoEMlp, s: Shapes) -> int:
@@ -252,6 +268,7 @@ def check_correctness(
     # Dropless: the einsum reference would build (G, S, E, S) tensors; the packed rows are exact too.
     ref_kw: dict[str, str] = {"dispatch": "einsum"} if s.capacity_factor is not None else {"impl": "packed"}
     ref = make_layer(s, **ref_kw).to(device).eval()
+    ref.experts.fused_bias_act = False  # the reference runs stock ops only
     ref.load_state_dict(fast.state_dict())
     ref.record_routing = True
     x = torch.randn(s.batch, s.tokens, s.dim, device=device)
@@ -547,8 +564,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--impls",
         default=None,
         help="comma-separated experts implementations to time as extra rows vmoe_<impl> "
-        "(bmm, loop, packed, grouped_mm, and bmm_ones: bmm with the first bias in the matmul; "
-        "default on CUDA: loop, packed, grouped_mm, bmm_ones; none on CPU)",
+        "(bmm, loop, packed, grouped_mm; bmm_ones: bmm with the first bias in the matmul; bmm_unfused: "
+        "bmm without the fused bias+activation kernels; default on CUDA: loop, packed, grouped_mm, "
+        "bmm_ones, bmm_unfused; none on CPU)",
     )
     p.add_argument(
         "--heap-alloc",
@@ -574,7 +592,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         impls = tuple(i for i in a.impls.split(",") if i)
     elif cuda:
         impls = (
-            ("loop", "packed") + (("grouped_mm",) if hasattr(torch, "_grouped_mm") else ()) + ("bmm_ones",)
+            ("loop", "packed")
+            + (("grouped_mm",) if hasattr(torch, "_grouped_mm") else ())
+            + ("bmm_ones", "bmm_unfused")
         )
     else:
         impls = ()
@@ -671,6 +691,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             impls=tuple(i for i in impls if i not in failed),
         )
         config["checks"] = checks
+        config["fused_bias_act"] = fused_status(device)
         if hasattr(os, "getloadavg"):
             config["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
         result = {"device": str(device), "config": config, "results": rows}

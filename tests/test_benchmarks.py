@@ -26,17 +26,32 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     layer = json.loads((tmp_path / "moe_layer.json").read_text())
-    assert set(layer["config"]["checks"]) == {"E8", "E8_loop", "E8_grouped_mm", "E8_bmm_ones"}
+    assert set(layer["config"]["checks"]) == {
+        "E8",
+        "E8_loop",
+        "E8_grouped_mm",
+        "E8_bmm_ones",
+        "E8_bmm_unfused",
+    }
     assert all(c["max_rel_err"] <= 1e-2 for c in layer["config"]["checks"].values())
     names = {r["name"] for r in layer["results"]}
-    assert {"floor", "vmoe", "vmoe_loop", "vmoe_grouped_mm", "vmoe_bmm_ones", "vmoe_loop_fwd"} <= names
+    assert {
+        "floor",
+        "vmoe",
+        "vmoe_loop",
+        "vmoe_grouped_mm",
+        "vmoe_bmm_ones",
+        "vmoe_bmm_unfused",
+        "vmoe_loop_fwd",
+    } <= names
+    assert layer["config"]["fused_bias_act"].startswith("off (stock ops")  # no CUDA here
     train_rows = [r for r in layer["results"] if not r["name"].endswith("_fwd")]
     assert all(r["saved_mib"] > 0 for r in train_rows)  # activation memory per fwd+bwd row
     train = json.loads((tmp_path / "train_throughput.json").read_text())
     names = [r["name"] for r in train["results"]]
     assert "vmoe_ti_e8[loop]" in names and "vit_ti" in names
     assert all(r["images_per_s"] > 0 for r in train["results"])
-    assert (tmp_path / "moe_layer.txt").read_text().count("correctness ok") == 4
+    assert (tmp_path / "moe_layer.txt").read_text().count("correctness ok") == 5
     # Step 5, dropless routing, when the earlier steps left it the time (they do here): checked, then timed.
     if "dropless run skipped" not in proc.stdout:
         dropless = json.loads((tmp_path / "moe_layer_dropless.json").read_text())

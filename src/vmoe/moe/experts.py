@@ -11,6 +11,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from vmoe.layers import Activation, activation, compute_dtype, dropout, prefer_static_shapes, xavier_uniform_
+from vmoe.moe.fused import bias_act, fused_bias_act_usable
 
 __all__ = ["Experts", "Slab", "expert_slabs"]
 
@@ -482,10 +483,12 @@ class Experts(nn.Module):
 
     How the matmuls run (``impl``; every one computes the same function, tests check they agree):
 
-    - ``"bmm"``: two batched matmuls over the buffers, biases by ``baddbmm``. Static shapes, no host
-      synchronisation (CUDA graphs, ``torch.compile``). With ``bias_in_matmul`` (in
-      :class:`~vmoe.moe.MoEMlp`: index dispatch, experts held here) the tokens carry a ones column
-      and the first bias rides in the first matmul (:meth:`forward_augmented`).
+    - ``"bmm"``: two batched matmuls over the buffers, biases by ``baddbmm``; on CUDA the first bias
+      and the activation run in one fused Triton kernel instead (``fused_bias_act``, on by default;
+      :mod:`vmoe.moe.fused`). Static shapes, no host synchronisation (CUDA graphs, ``torch.compile``).
+      With ``bias_in_matmul`` (in :class:`~vmoe.moe.MoEMlp`: index dispatch, experts held here) the
+      tokens carry a ones column and the first bias rides in the first matmul
+      (:meth:`forward_augmented`).
     - ``"loop"``: per-expert ``addmm`` over each buffer (on CUDA the bias, and in inference the
       tanh-GELU too, run in the cuBLASLt epilogue; on the CPU with two or more threads, experts go
       in pairs, one batched matmul per pair: :meth:`slab_width`), in one hand-written autograd
@@ -536,6 +539,9 @@ class Experts(nn.Module):
         #: ``"bmm"`` in the layer: the first bias rides in the matmul (a ones column of the tokens,
         #: :meth:`forward_augmented`) instead of ``baddbmm``. Off by default: see :class:`_AugmentedMlp`.
         self.bias_in_matmul = False
+        #: ``"bmm"`` and ``"grouped_mm"`` over (E, R, D) buffers on CUDA: the first bias and the activation
+        #: in one Triton kernel each way (:func:`vmoe.moe.fused.bias_act`) when Triton is importable.
+        self.fused_bias_act = True
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -607,8 +613,11 @@ class Experts(nn.Module):
         x = buffers.to(dtype)
         if impl == "grouped_mm":
             return self._forward_grouped_mm(x, rows, (w1, b1, w2, b2))
-        h = torch.baddbmm(b1.unsqueeze(1), x, w1)  # (E, R, M)
-        h = dropout(activation(h, self.act), self.p, self.training, stream=self.stream, rows=rows)
+        if self._fuse(x):  # bias + activation in one pass (Triton, CUDA)
+            h = bias_act(torch.bmm(x, w1), b1, self.act)
+        else:
+            h = activation(torch.baddbmm(b1.unsqueeze(1), x, w1), self.act)  # (E, R, M)
+        h = dropout(h, self.p, self.training, stream=self.stream, rows=rows)
         out = torch.baddbmm(b2.unsqueeze(1), h, w2)  # (E, R, D)
         return dropout(out, self.p, self.training, stream=self.stream + 1, rows=rows)
 
@@ -623,8 +632,9 @@ class Experts(nn.Module):
         _check_grouped_mm_sizes(D, M)
         _warn_slow_grouped_mm(x.device, x.dtype)
         offs = torch.arange(1, E + 1, device=x.device, dtype=torch.int32) * R
-        h = grouped_mm(x.reshape(E * R, D), w1, offs=offs).view(E, R, M) + b1.unsqueeze(1)
-        h = dropout(activation(h, self.act), self.p, self.training, stream=self.stream, rows=rows)
+        h = grouped_mm(x.reshape(E * R, D), w1, offs=offs).view(E, R, M)
+        h = bias_act(h, b1, self.act) if self._fuse(h) else activation(h + b1.unsqueeze(1), self.act)
+        h = dropout(h, self.p, self.training, stream=self.stream, rows=rows)
         out = grouped_mm(h.reshape(E * R, M), w2, offs=offs).view(E, R, D) + b2.unsqueeze(1)
         return dropout(out, self.p, self.training, stream=self.stream + 1, rows=rows)
 
@@ -691,6 +701,9 @@ class Experts(nn.Module):
             h = dropout(activation(h, self.act), self.p, self.training, stream=self.stream, rows=rows)
             out = torch.baddbmm(b2.unsqueeze(1), h, w2)  # (E, R, D)
         return dropout(out, self.p, self.training, stream=self.stream + 1, rows=rows)
+
+    def _fuse(self, h: torch.Tensor) -> bool:
+        return self.fused_bias_act and fused_bias_act_usable(h, self.act)
 
     def slab_width(self, device: torch.device) -> int:
         """Experts per slab of packed rows on ``device`` (:func:`expert_slabs`): 2 on the CPU with two

@@ -1,0 +1,70 @@
+"""Triton kernels of :func:`vmoe.moe.fused.bias_act` (imported only where Triton is installed).
+
+Triton resolves the functions a kernel calls among its module's globals, so they live here, at module
+level. ``TRITON_INTERPRET=1`` must be set before this module is imported for the interpreter to run them.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    if ACT == 0:  # tanh-GELU: 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+        return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    elif ACT == 1:  # exact GELU
+        return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    else:
+        return tl.maximum(x, 0.0)
+
+
+@triton.jit
+def _act_grad(x, ACT: tl.constexpr):
+    if ACT == 0:  # s + 2 x s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 x^2), s = sigmoid(2u)
+        s = tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+        return s + 1.5957691216057308 * x * s * (1.0 - s) * (1.0 + 0.134145 * x * x)
+    elif ACT == 1:  # Phi(x) + x phi(x)
+        return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + 0.3989422804014327 * x * tl.exp(-0.5 * x * x)
+    else:
+        return tl.where(x > 0.0, 1.0, 0.0)
+
+
+@triton.jit
+def _tile(pid, R, M, n_rb, n_mb, BR: tl.constexpr, BM: tl.constexpr):
+    """Program ``pid`` -> (expert, row block, flat offsets, mask, columns, column mask); columns fastest."""
+    mb = pid % n_mb
+    rest = pid // n_mb
+    rb = rest % n_rb
+    e = rest // n_rb
+    rows = rb * BR + tl.arange(0, BR)
+    cols = mb * BM + tl.arange(0, BM)
+    cmask = cols < M
+    mask = (rows < R)[:, None] & cmask[None, :]
+    offs = (e.to(tl.int64) * R + rows[:, None].to(tl.int64)) * M + cols[None, :]
+    return e, rb, offs, mask, cols, cmask
+
+
+@triton.jit
+def bias_act_fwd(
+    h_ptr, b_ptr, out_ptr, R, M, n_rb, n_mb, ACT: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr
+):
+    e, _rb, offs, mask, cols, cmask = _tile(tl.program_id(0), R, M, n_rb, n_mb, BR, BM)
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + e * M + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = _act(h + b[None, :], ACT)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bias_act_bwd(
+    g_ptr, h_ptr, b_ptr, gh_ptr, part_ptr, R, M, n_rb, n_mb,
+    ACT: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr,
+):  # fmt: skip
+    e, rb, offs, mask, cols, cmask = _tile(tl.program_id(0), R, M, n_rb, n_mb, BR, BM)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + e * M + cols, mask=cmask, other=0.0).to(tl.float32)
+    gh = tl.where(mask, g * _act_grad(h + b[None, :], ACT), 0.0)
+    tl.store(gh_ptr + offs, gh.to(gh_ptr.dtype.element_ty), mask=mask)
+    # This tile's share of the bias gradient, summed over its rows in float32.
+    tl.store(part_ptr + (e * n_rb + rb) * M + cols, tl.sum(gh, axis=0), mask=cmask)
