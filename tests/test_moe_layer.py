@@ -776,6 +776,40 @@ _SYNCING_OPS = (
 )
 
 
+def test_router_losses_are_issued_after_the_expert_matmuls():
+    """On a GPU a kernel runs when the CPU has issued it: the router's auxiliary losses (~25 small
+    ops) are issued after the experts' matmuls, so they queue behind them rather than delay them.
+    The losses and the routing are still those of the router's own forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Order(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    layer = _layer(E=4, C=1.0, group_size=2).float()
+    layer.experts.impl = "bmm"
+    layer.train()
+    x = torch.randn(4, 6, 8)
+    with Order() as mode:
+        _, aux = layer(x)
+    first_matmul = min(i for i, op in enumerate(mode.ops) if op in ("bmm", "baddbmm"))
+    loss_ops = [i for i, op in enumerate(mode.ops) if op in ("std", "erf", "special_ndtr")]
+    assert loss_ops and min(loss_ops) > first_matmul, mode.ops
+    with rng.positional_rng(seed=3):  # the same noise for the router alone and in the layer
+        out = layer.router(x.reshape(2, 12, 8), tokens_per_image=6)
+    with rng.positional_rng(seed=3):
+        _, aux = layer(x)
+    torch.testing.assert_close(aux["aux_loss"], out.aux_loss.mean())
+    torch.testing.assert_close(aux["importance_loss"], out.metrics["importance_loss"].mean())
+    torch.testing.assert_close(aux["load_loss"], out.metrics["load_loss"].mean())
+    assert float(aux["load_loss"]) > 0  # noise was on
+
+
 @pytest.mark.parametrize("impl", ["bmm", "loop", "grouped_mm"])
 def test_static_shape_path_never_waits_for_the_device(impl, monkeypatch):
     """Off the CPU (and under compile) routing, dispatch, experts and combine run without a host sync.

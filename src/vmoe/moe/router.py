@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -123,6 +124,17 @@ class TopKRouter(nn.Module):
                 for positional noise.
             tokens_per_image: T, to map tokens to images for positional noise (default S).
         """
+        _, finish = self.route(x, first_image=first_image, tokens_per_image=tokens_per_image)
+        return finish()
+
+    def route(
+        self, x: torch.Tensor, *, first_image: int = 0, tokens_per_image: int | None = None
+    ) -> tuple[Routing, Callable[[], RouterOutput]]:
+        """:meth:`forward` in two steps: the routing plan now, the auxiliary losses when ``finish()``
+        is called (same values, same random noise). :class:`~vmoe.moe.MoEMlp` calls ``finish`` after
+        the experts' matmuls have been issued: on a GPU the losses' ~25 small kernels then queue
+        behind the matmuls instead of delaying them. Arguments as :meth:`forward`.
+        """
         if x.dim() != 3:
             raise ValueError(f"router input must be (G, S, D), got {tuple(x.shape)}")
         cfg = self.cfg
@@ -154,6 +166,25 @@ class TopKRouter(nn.Module):
         routing = top_experts_per_item(
             gates, k, capacity, batch_priority=cfg.batch_priority, priority=cfg.priority
         )
+
+        def finish() -> RouterOutput:
+            return self._losses(routing, logits, noisy_logits, gates_clean, gates, sigma if noisy else 0.0)
+
+        return routing, finish
+
+    def _losses(
+        self,
+        routing: Routing,
+        logits: torch.Tensor,
+        noisy_logits: torch.Tensor,
+        gates_clean: torch.Tensor,
+        gates: torch.Tensor,
+        sigma: float,
+    ) -> RouterOutput:
+        """The auxiliary losses and metrics of one routed chunk (``sigma`` 0: no noise was added)."""
+        cfg = self.cfg
+        k = cfg.num_selected
+        noisy = sigma > 0
         imp = importance_loss(gates_clean)  # (G,)
         aux = cfg.importance_weight * imp
         zero = torch.zeros_like(imp)
