@@ -12,6 +12,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-"$VENV/bin/python" -m pip install -q "${VMOE_TORCH:-torch==2.13.0}"
+# Triton, pinned like torch, for the fused kernels' tests (its interpreter and its sm_90 compiler run on a
+# CPU): the GPU machine's version, which torch 2.11's CUDA build requires too.
+triton=()
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then triton=("${VMOE_TRITON:-triton==3.6.0}"); fi
+"$VENV/bin/python" -m pip install -q "${VMOE_TORCH:-torch==2.13.0}" ${triton[@]+"${triton[@]}"}
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
 "$VENV/bin/python" -c "import torch, vmoe; print(f'vmoe {vmoe.__version__} with torch {torch.__version__} ready in $VENV')"

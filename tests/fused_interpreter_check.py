@@ -48,6 +48,16 @@ def check_kernels() -> None:
     assert fused._disabled is None, fused._disabled
 
 
+def check_relu_nan() -> None:
+    """ReLU keeps NaN and passes its gradient on, as torch.relu and its threshold_backward do."""
+    h = torch.tensor([[[float("nan"), -1.0, 2.0, 0.0]]], requires_grad=True)
+    y = fused.bias_act(h, torch.zeros(1, 4), "relu")
+    (gh,) = torch.autograd.grad(y, h, torch.ones_like(y))
+    assert torch.isnan(y[0, 0, 0]) and y[0, 0, 1:].tolist() == [0.0, 2.0, 0.0], y
+    assert gh.tolist() == [[[1.0, 0.0, 1.0, 0.0]]], gh
+    print("relu with NaN: ok")
+
+
 def check_no_bias_grad_and_inference() -> None:
     """A frozen bias (no bias gradient wanted) and inference_mode run the kernels too."""
     h = torch.randn(2, 9, 16, requires_grad=True)
@@ -117,8 +127,10 @@ def check_experts() -> None:
 
 
 if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    for var in ("TRITON_INTERPRET", "VMOE_FUSED_INTERPRET"):
+        assert os.environ.get(var) == "1", "run with TRITON_INTERPRET=1 VMOE_FUSED_INTERPRET=1"
     check_kernels()
+    check_relu_nan()
     check_no_bias_grad_and_inference()
     check_experts()
     print("all fused kernel checks passed")

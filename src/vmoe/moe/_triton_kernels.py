@@ -14,8 +14,8 @@ def _act(x, ACT: tl.constexpr):
         return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
     elif ACT == 1:  # exact GELU
         return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-    else:
-        return tl.maximum(x, 0.0)
+    else:  # NaN stays NaN, as torch.relu (plain max would return 0 on the GPU)
+        return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -25,8 +25,8 @@ def _act_grad(x, ACT: tl.constexpr):
         return s + 1.5957691216057308 * x * s * (1.0 - s) * (1.0 + 0.134145 * x * x)
     elif ACT == 1:  # Phi(x) + x phi(x)
         return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + 0.3989422804014327 * x * tl.exp(-0.5 * x * x)
-    else:
-        return tl.where(x > 0.0, 1.0, 0.0)
+    else:  # torch's threshold_backward: zero where x <= 0, so a NaN input passes its gradient on
+        return tl.where(x <= 0.0, 0.0, 1.0)
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def bias_act_fwd(
 @triton.jit
 def bias_act_bwd(
     g_ptr, h_ptr, b_ptr, gh_ptr, part_ptr, R, M, n_rb, n_mb,
-    ACT: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr,
+    ACT: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BIAS_GRAD: tl.constexpr,
 ):  # fmt: skip
     e, rb, offs, mask, cols, cmask = _tile(tl.program_id(0), R, M, n_rb, n_mb, BR, BM)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -66,5 +66,6 @@ def bias_act_bwd(
     b = tl.load(b_ptr + e * M + cols, mask=cmask, other=0.0).to(tl.float32)
     gh = tl.where(mask, g * _act_grad(h + b[None, :], ACT), 0.0)
     tl.store(gh_ptr + offs, gh.to(gh_ptr.dtype.element_ty), mask=mask)
-    # This tile's share of the bias gradient, summed over its rows in float32.
-    tl.store(part_ptr + (e * n_rb + rb) * M + cols, tl.sum(gh, axis=0), mask=cmask)
+    if BIAS_GRAD:  # this tile's share of the bias gradient, summed over its rows in float32
+        part = (e.to(tl.int64) * n_rb + rb) * M + cols
+        tl.store(part_ptr + part, tl.sum(gh, axis=0), mask=cmask)

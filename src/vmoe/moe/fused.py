@@ -12,8 +12,12 @@ small deterministic reduction: no atomics).
 Used by :class:`vmoe.moe.Experts` (``fused_bias_act``, on by default) for its ``"bmm"`` and
 ``"grouped_mm"`` paths on CUDA when Triton is importable, outside ``torch.compile`` (whose own fusion
 does the same). Elsewhere, and after any failure to compile or launch the kernels (a one-time warning
-says why), the same function runs as stock ops. With ``TRITON_INTERPRET=1`` the kernels run on CPU
-tensors too, in Triton's interpreter (how the tests check them without a GPU).
+says why), the same function runs as stock ops. With ``VMOE_FUSED_INTERPRET=1`` and ``TRITON_INTERPRET=1``
+(both, set before the kernels are first used) they run on CPU tensors too, in Triton's interpreter: how
+the tests check them without a GPU.
+
+Like any ``once_differentiable`` Function, the fused path has no double backward, forward-mode AD or
+``torch.func`` transforms; set ``Experts.fused_bias_act = False`` for those.
 """
 
 from __future__ import annotations
@@ -41,18 +45,20 @@ def _kernels() -> tuple[Any, Any] | None:
     """The forward and backward Triton kernels (None when Triton is not importable)."""
     try:
         from vmoe.moe import _triton_kernels as k
-    except ImportError:
+    except Exception:  # not installed, or an install that does not import: stock ops
         return None
     return k.bias_act_fwd, k.bias_act_bwd
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Kernels on CPU tensors: vmoe's own opt-in and Triton's interpreter (TRITON_INTERPRET alone is
+    Triton's global switch for any kernel; it must not send vmoe's CPU experts through the interpreter)."""
+    return os.environ.get("VMOE_FUSED_INTERPRET") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fused_bias_act_usable(h: torch.Tensor, act: str) -> bool:
-    """Whether :func:`bias_act` runs the Triton kernels for ``h``: a CUDA tensor (or any, under
-    ``TRITON_INTERPRET=1``) of a floating dtype, an activation they implement, Triton importable,
+    """Whether :func:`bias_act` runs the Triton kernels for ``h``: a CUDA tensor (or any, in the
+    interpreter: see the module's docstring) of a floating dtype, an activation they implement, Triton importable,
     not inside ``torch.compile``, and no earlier failure in this process."""
     if _disabled is not None or act not in _ACT_CODES or torch.compiler.is_compiling():
         return False
@@ -68,8 +74,25 @@ def _disable(exc: BaseException) -> None:
         f"vmoe: the fused bias+activation kernels failed ({_disabled}); the experts use unfused ops "
         "from now on (same results, a little slower).",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=2,
     )
+
+
+def _launch(kernel: Any, h: torch.Tensor, *args: Any, **meta: Any) -> bool:
+    """Run ``kernel`` over ``h``'s tiles; False (and the kernels off from now on) if Triton cannot
+    compile or launch it here. Out-of-memory errors are the caller's, raised as they are."""
+    programs, R, n_rb, n_mb = _grid(h)
+    try:
+        with _on_device(h):
+            kernel[(programs,)](
+                *args, R, h.shape[2], n_rb, n_mb, BR=_BLOCK_R, BM=_BLOCK_M, num_warps=8, **meta
+            )
+    except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError in newer torch)
+        raise
+    except Exception as exc:  # a Triton that cannot compile or launch here: stock ops from now on
+        _disable(exc)
+        return False
+    return True
 
 
 def _act_eager(x: torch.Tensor, act: str) -> torch.Tensor:
@@ -79,8 +102,8 @@ def _act_eager(x: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def _act_backward_eager(g: torch.Tensor, x: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "relu":
-        return g * (x > 0).to(g.dtype)
+    if act == "relu":  # as torch's threshold_backward: zero where x <= 0 (NaN passes)
+        return g.masked_fill(x <= 0, 0)
     return torch.ops.aten.gelu_backward(g, x, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
@@ -106,17 +129,8 @@ class _BiasAct(torch.autograd.Function):
         ctx.fused = False
         out = torch.empty_like(h)
         if _disabled is None and h.numel():
-            try:
-                programs, R, n_rb, n_mb = _grid(h)
-                fwd, _ = _kernels()  # type: ignore[misc]
-                with _on_device(h):
-                    fwd[(programs,)](
-                        h, b, out, R, h.shape[2], n_rb, n_mb,
-                        ACT=_ACT_CODES[act], BR=_BLOCK_R, BM=_BLOCK_M, num_warps=8,
-                    )  # fmt: skip
-                ctx.fused = True
-            except Exception as exc:  # a Triton that cannot compile or launch here: stock ops from now on
-                _disable(exc)
+            fwd, _ = _kernels()  # type: ignore[misc]
+            ctx.fused = _launch(fwd, h, h, b, out, ACT=_ACT_CODES[act])
         if not ctx.fused:
             out = _act_eager(h + b.unsqueeze(1), act)
         ctx.save_for_backward(h, b)
@@ -128,21 +142,14 @@ class _BiasAct(torch.autograd.Function):
         h, b = ctx.saved_tensors
         g = g.contiguous()
         if ctx.fused and _disabled is None and h.numel():
-            try:
-                programs, R, n_rb, n_mb = _grid(h)
-                _, bwd = _kernels()  # type: ignore[misc]
-                gh = torch.empty_like(h)
-                E, M = b.shape
-                part = torch.empty(E, n_rb, M, device=h.device, dtype=torch.float32)
-                with _on_device(h):
-                    bwd[(programs,)](
-                        g, h, b, gh, part, R, M, n_rb, n_mb,
-                        ACT=_ACT_CODES[ctx.act], BR=_BLOCK_R, BM=_BLOCK_M, num_warps=8,
-                    )  # fmt: skip
-                gb = part.sum(1).to(b.dtype) if ctx.needs_input_grad[1] else None
-                return gh, gb, None
-            except Exception as exc:
-                _disable(exc)
+            _, bwd = _kernels()  # type: ignore[misc]
+            gh = torch.empty_like(h)
+            bias_grad = ctx.needs_input_grad[1]
+            E, M = b.shape
+            n_rb = _grid(h)[2]
+            part = torch.empty(E, n_rb, M, device=h.device, dtype=torch.float32) if bias_grad else gh
+            if _launch(bwd, h, g, h, b, gh, part, ACT=_ACT_CODES[ctx.act], BIAS_GRAD=bias_grad):
+                return gh, part.sum(1).to(b.dtype) if bias_grad else None, None
         gh = _act_backward_eager(g, h + b.unsqueeze(1), ctx.act)
         gb = gh.sum(1, dtype=torch.float32).to(b.dtype) if ctx.needs_input_grad[1] else None
         return gh, gb, None
@@ -158,6 +165,6 @@ def bias_act(h: torch.Tensor, b: torch.Tensor, act: str) -> torch.Tensor:
     if h.dim() != 3 or b.shape != (h.shape[0], h.shape[2]):
         raise ValueError(f"bias_act expects (E, R, M) and (E, M), got {tuple(h.shape)} and {tuple(b.shape)}")
     b = b.to(h.dtype)
-    if not fused_bias_act_usable(h, act):
+    if b.device != h.device or not fused_bias_act_usable(h, act):
         return _act_eager(h + b.unsqueeze(1), act)
     return _BiasAct.apply(h.contiguous(), b.contiguous(), act)
