@@ -16,9 +16,10 @@ Rows (``*_fwd``: forward only, eval mode, no grad; their ratio is to ``floor_fwd
     vmoe_bpr     MoEMlp, index dispatch, Batch Prioritized Routing on
     vmoe_<impl>  MoEMlp with the experts' matmuls forced to one implementation (``--impls``; on CUDA
                  by default loop, packed, grouped_mm, bmm_ones and bmm_unfused next to auto's
-                 choice, bmm). On CUDA, bmm runs the first bias and the activation in one Triton
-                 kernel each way (``Experts.fused_bias_act``); bmm_unfused: the stock ops instead
-                 (baddbmm, then the activation). bmm_ones: bmm with the first bias riding in the
+                 choice, bmm). On CUDA the layer runs fused Triton kernels (``MoEMlp.fused``): bmm's
+                 first bias and activation one kernel each way, and every row's combine backward;
+                 bmm_unfused: bmm with stock ops only (baddbmm, the activation, index_select and
+                 row dots). bmm_ones: bmm with the first bias riding in the
                  matmul as a ones column of the tokens (``Experts.bias_in_matmul``)
     loop         the same router, then a per-expert Python loop: gather by mask, MLP, scatter
     fairscale / tutel / tutel_bpr   peers, only when importable (never null):
@@ -79,7 +80,7 @@ class Shapes:
 def make_layer(s: Shapes, *, dispatch: str = "index", bpr: bool = False, impl: str = "auto") -> MoEMlp:
     """One layer at shapes ``s``; ``impl`` an experts impl, or ``bmm_ones`` (``bmm`` with
     ``Experts.bias_in_matmul``: the first bias riding in the matmul), or ``bmm_unfused`` (``bmm``
-    without ``Experts.fused_bias_act``)."""
+    with ``MoEMlp.fused`` off: no Triton kernels)."""
     cfg = MoEConfig(
         router=RouterConfig(
             num_experts=s.num_experts, num_selected=s.k, capacity_factor=s.capacity_factor, batch_priority=bpr
@@ -91,12 +92,12 @@ def make_layer(s: Shapes, *, dispatch: str = "index", bpr: bool = False, impl: s
     )
     layer = MoEMlp(s.dim, s.hidden, cfg)
     layer.experts.bias_in_matmul = impl == "bmm_ones"
-    layer.experts.fused_bias_act = impl != "bmm_unfused"
+    layer.fused = impl != "bmm_unfused"
     return layer
 
 
 def fused_status(device: torch.device) -> str:
-    """Whether the bmm experts ran the fused bias+activation kernels here, or why not."""
+    """Whether the layers ran the fused Triton kernels here (``MoEMlp.fused``), or why not."""
     if fused._disabled is not None:
         return f"off after a failure: {fused._disabled}"
     probe = torch.empty(1, 1, 8, device=device, dtype=torch.bfloat16)
@@ -268,7 +269,7 @@ def check_correctness(
     # Dropless: the einsum reference would build (G, S, E, S) tensors; the packed rows are exact too.
     ref_kw: dict[str, str] = {"dispatch": "einsum"} if s.capacity_factor is not None else {"impl": "packed"}
     ref = make_layer(s, **ref_kw).to(device).eval()
-    ref.experts.fused_bias_act = False  # the reference runs stock ops only
+    ref.fused = False  # the reference runs stock ops only
     ref.load_state_dict(fast.state_dict())
     ref.record_routing = True
     x = torch.randn(s.batch, s.tokens, s.dim, device=device)
@@ -565,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="comma-separated experts implementations to time as extra rows vmoe_<impl> "
         "(bmm, loop, packed, grouped_mm; bmm_ones: bmm with the first bias in the matmul; bmm_unfused: "
-        "bmm without the fused bias+activation kernels; default on CUDA: loop, packed, grouped_mm, "
+        "bmm without the fused Triton kernels (MoEMlp.fused off); default on CUDA: loop, packed, grouped_mm, "
         "bmm_ones, bmm_unfused; none on CPU)",
     )
     p.add_argument(
@@ -691,7 +692,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             impls=tuple(i for i in impls if i not in failed),
         )
         config["checks"] = checks
-        config["fused_bias_act"] = fused_status(device)
+        config["fused_kernels"] = fused_status(device)
         if hasattr(os, "getloadavg"):
             config["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
         result = {"device": str(device), "config": config, "results": rows}

@@ -48,6 +48,30 @@ def check_kernels() -> None:
     assert fused._disabled is None, fused._disabled
 
 
+def check_combine_backward() -> None:
+    """combine_backward against float64: ragged rows and columns, empty rows, each output alone."""
+    torch.manual_seed(4)
+    for N, rows, D in [(37, 90, 200), (5, 3, 8), (20, 33, 520)]:
+        for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 8e-3)):
+            g = torch.randn(N, D).to(dtype)
+            y = torch.randn(rows, D).to(dtype)
+            src = torch.randint(0, N, (rows,))
+            w = torch.rand(rows).to(dtype)
+            w[::4] = 0  # empty rows: weight 0 (their dot is never read)
+            gy, dots = fused.combine_backward(g, y, src, w)
+            ref_gy = w.double()[:, None] * g.double()[src]
+            ref_dots = (y.double() * g.double()[src]).sum(1)
+            assert gy.dtype == dtype and dots.dtype == torch.float32
+            errs = (rel(gy, ref_gy), rel(dots, ref_dots))
+            assert max(errs) < tol, (N, rows, D, dtype, errs)
+            only_gy = fused.combine_backward(g, y, src, w, dots=False)
+            only_dots = fused.combine_backward(g, y, src, w, grad_y=False)
+            assert only_gy[1] is None and torch.equal(only_gy[0], gy)
+            assert only_dots[0] is None and torch.equal(only_dots[1], dots)
+            print(f"combine_backward N={N} rows={rows} D={D} {dtype}: max rel err {max(errs):.1e}")
+    assert fused._disabled is None, fused._disabled
+
+
 def check_relu_nan() -> None:
     """ReLU keeps NaN and passes its gradient on, as torch.relu and its threshold_backward do."""
     h = torch.tensor([[[float("nan"), -1.0, 2.0, 0.0]]], requires_grad=True)
@@ -77,12 +101,22 @@ def check_experts() -> None:
     """Experts' bmm and grouped_mm over buffers, and the layer's bmm path: fused == stock ops."""
     calls = []
     apply = fused._BiasAct.apply
+    combine = fused.combine_backward
 
     def counted(*args):
         calls.append(1)
         return apply(*args)
 
-    fused._BiasAct.apply = counted  # the fused path must be the one that runs
+    def counted_combine(*args, **kw):
+        out = combine(*args, **kw)
+        combine_calls.append(out[0] is not None or out[1] is not None)
+        return out
+
+    combine_calls: list[bool] = []
+    fused._BiasAct.apply = counted  # the fused paths must be the ones that run
+    import vmoe.moe.dispatch
+
+    vmoe.moe.dispatch.combine_backward = counted_combine
     torch.manual_seed(1)
     for impl in ("bmm", "grouped_mm"):
         if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
@@ -102,34 +136,40 @@ def check_experts() -> None:
         assert len(calls) == 1, calls
         calls.clear()
         print(f"experts {impl}: fused == stock ops, max rel err {max(errs):.1e}")
-    cfg = MoEConfig(
-        router=RouterConfig(num_experts=4, num_selected=2, capacity_factor=1.0),
-        group_size=2,
-        expert_init="independent",
-        experts_impl="bmm",
-    )
-    torch.manual_seed(2)
-    layer = MoEMlp(16, 24, cfg)
-    x = torch.randn(4, 5, 16, requires_grad=True)
-    outs = []
-    for on in (True, False):
-        layer.experts.fused_bias_act = on
-        torch.manual_seed(3)  # the router's noise
-        y, aux = layer(x)
-        loss = y.square().sum() + aux["aux_loss"]
-        outs.append((y, *torch.autograd.grad(loss, (x, *layer.parameters()))))
-    errs = [rel(a, b.double()) for a, b in zip(*outs)]
-    assert max(errs) < 1e-5, errs
-    assert len(calls) == 1, calls
+    for impl in ("bmm", "loop", "packed"):
+        cfg = MoEConfig(
+            router=RouterConfig(num_experts=4, num_selected=2, capacity_factor=1.0),
+            group_size=2,
+            expert_init="independent",
+            experts_impl=impl,
+        )
+        torch.manual_seed(2)
+        layer = MoEMlp(16, 24, cfg)
+        x = torch.randn(4, 5, 16, requires_grad=True)
+        outs = []
+        calls.clear()
+        combine_calls.clear()
+        for on in (True, False):
+            layer.fused = on
+            torch.manual_seed(3)  # the router's noise
+            y, aux = layer(x)
+            loss = y.square().sum() + aux["aux_loss"]
+            outs.append((y, *torch.autograd.grad(loss, (x, *layer.parameters()))))
+        errs = [rel(a, b.double()) for a, b in zip(*outs)]
+        assert max(errs) < 1e-5, (impl, errs)
+        assert len(calls) == (impl == "bmm"), calls  # bias_act: the bmm experts only
+        assert combine_calls == [True], combine_calls  # the combine's backward: every layout
+        print(f"MoEMlp {impl}: fused == stock ops, max rel err {max(errs):.1e}")
     fused._BiasAct.apply = apply
+    vmoe.moe.dispatch.combine_backward = combine
     assert fused._disabled is None, fused._disabled
-    print(f"MoEMlp bmm: fused == stock ops, max rel err {max(errs):.1e}")
 
 
 if __name__ == "__main__":
     for var in ("TRITON_INTERPRET", "VMOE_FUSED_INTERPRET"):
         assert os.environ.get(var) == "1", "run with TRITON_INTERPRET=1 VMOE_FUSED_INTERPRET=1"
     check_kernels()
+    check_combine_backward()
     check_relu_nan()
     check_no_bias_grad_and_inference()
     check_experts()

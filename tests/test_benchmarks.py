@@ -44,7 +44,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
         "vmoe_bmm_unfused",
         "vmoe_loop_fwd",
     } <= names
-    assert layer["config"]["fused_bias_act"].startswith("off (stock ops")  # no CUDA here
+    assert layer["config"]["fused_kernels"].startswith("off (stock ops")  # no CUDA here
     train_rows = [r for r in layer["results"] if not r["name"].endswith("_fwd")]
     assert all(r["saved_mib"] > 0 for r in train_rows)  # activation memory per fwd+bwd row
     train = json.loads((tmp_path / "train_throughput.json").read_text())

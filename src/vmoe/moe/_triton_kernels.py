@@ -69,3 +69,31 @@ def bias_act_bwd(
     if BIAS_GRAD:  # this tile's share of the bias gradient, summed over its rows in float32
         part = (e.to(tl.int64) * n_rb + rb) * M + cols
         tl.store(part_ptr + part, tl.sum(gh, axis=0), mask=cmask)
+
+
+@triton.jit
+def combine_bwd(
+    g_ptr, y_ptr, src_ptr, w_ptr, gy_ptr, dot_ptr, rows,
+    D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, GRAD_Y: tl.constexpr, DOTS: tl.constexpr,
+):  # fmt: skip
+    """Rows ``r`` of a BR-row block: gy[r] = w[r] * g[src[r]], dot[r] = <y[r], g[src[r]]> (float32).
+    D (the model width) is a compile-time constant: one compile per width, a loop of known length."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = r < rows
+    src = tl.load(src_ptr + r, mask=rmask, other=0).to(tl.int64)
+    w = tl.load(w_ptr + r, mask=rmask, other=0.0).to(tl.float32)
+    at = r.to(tl.int64) * D
+    acc = tl.zeros((BR,), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        mask = rmask[:, None] & (cols < D)[None, :]
+        gv = tl.load(g_ptr + src[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if DOTS:
+            yv = tl.load(y_ptr + at[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += tl.sum(yv * gv, axis=1)
+        if GRAD_Y:
+            tl.store(
+                gy_ptr + at[:, None] + cols[None, :], (gv * w[:, None]).to(gy_ptr.dtype.element_ty), mask=mask
+            )
+    if DOTS:
+        tl.store(dot_ptr + r, acc, mask=rmask)

@@ -30,6 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from vmoe.layers import prefer_static_shapes
 from vmoe.moe.experts import Slab, expert_slabs
+from vmoe.moe.fused import combine_backward
 from vmoe.moe.routing import Routing
 
 __all__ = ["Dispatcher", "EinsumDispatcher", "IndexDispatcher", "make_dispatcher"]
@@ -201,7 +202,15 @@ class _Combine(torch.autograd.Function):
         y, w = ctx.saved_tensors
         d: IndexDispatcher = ctx.d
         # Row r holds assignment (n, k): grad_y[r] = w[n, k] * g[n]; empty rows get 0 (w_rows = 0).
-        w_rows = F.pad(w.reshape(-1), (0, 1)).index_select(0, d.row_assign).unsqueeze(1)  # (E*R, 1)
+        w_rows = F.pad(w.reshape(-1), (0, 1)).index_select(0, d.row_assign)  # (E*R,)
+        want_y, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if d.fused and (want_y or want_w):
+            # One Triton pass on CUDA: gathers g's rows once, no (E*R, D) float32 copies.
+            grad_y, dots = combine_backward(g, y, d._to_rows.index, w_rows, grad_y=want_y, dots=want_w)
+            if grad_y is not None or dots is not None:
+                grad_w = F.pad(dots, (0, 1))[d.positions].to(w.dtype) if dots is not None else None
+                return grad_y, grad_w, None
+        w_rows = w_rows.unsqueeze(1)  # (E*R, 1)
         g_rows = g.index_select(0, d._to_rows.index)  # (E*R, D): g[token of r]; arbitrary on empty rows
         grad_w = grad_y = None
         if ctx.needs_input_grad[1]:
@@ -295,6 +304,9 @@ class IndexDispatcher:
             rank = torch.cat([rank, rank.new_full((1,), size)])  # dropped (E*R) -> size
             positions = rank[positions]
             total = size
+        #: Whether the combine's backward may run the fused Triton kernel (:func:`vmoe.moe.fused.combine_backward`;
+        #: CUDA only, stock ops elsewhere). :class:`~vmoe.moe.MoEMlp` sets it from its ``fused``.
+        self.fused = True
         self.positions = positions  # (N, K) row of each assignment, ``total_rows`` where dropped
         self.total_rows = total
         self.row_assign = row_assign  # (total_rows,) assignment n * K + k of each row, N*K where empty

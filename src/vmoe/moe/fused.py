@@ -1,23 +1,26 @@
-"""Bias + activation in one pass over the experts' hidden activations (Triton kernels, CUDA).
+"""Fused Triton kernels for the MoE layer on CUDA: memory-bound passes done in one.
 
-Between an expert MLP's two matmuls sits ``act(h + b1)``, over the largest tensors of the layer,
-(E, R, M). Done with stock ops on CUDA, ``baddbmm`` first copies the broadcast bias into its output
-and the GEMM reads it back; GELU then reads and writes the whole tensor again; in the backward,
-``gelu_backward`` writes the hidden gradient and a separate reduction reads it again for the bias
-gradient. Those memory-bound passes cost about a quarter of the expert matmuls' time at V-MoE-B/16
-shapes (shared PERF.md). :func:`bias_act` does the forward in one read and one write of (E, R, M), and
-the backward in one kernel that also sums the bias gradient (per-tile partial sums in float32, then a
-small deterministic reduction: no atomics).
+- :func:`bias_act`: between an expert MLP's two matmuls sits ``act(h + b1)`` over the layer's largest
+  tensors, (E, R, M). With stock ops on CUDA, ``baddbmm`` first copies the broadcast bias into its
+  output and the GEMM reads it back; GELU reads and writes the whole tensor again; in the backward,
+  ``gelu_backward`` writes the hidden gradient and a separate reduction reads it again for the bias
+  gradient (shared PERF.md: about a quarter of the expert matmuls' time at V-MoE-B/16 shapes). Here
+  the forward is one read and one write of (E, R, M), and the backward one kernel that also sums the
+  bias gradient (per-tile float32 partial sums, then a small deterministic reduction: no atomics).
+  Used by :class:`vmoe.moe.Experts` (``fused_bias_act``) for ``"bmm"`` and ``"grouped_mm"`` buffers.
+- :func:`combine_backward`: the backward of the index dispatcher's weighted combine, the weighted
+  copy of the output gradient into the expert rows and each row's dot product with it (the router's
+  gradient), in one pass that reads each row once, instead of a gathered copy, float32 copies for
+  accurate dots, and an in-place multiply.
 
-Used by :class:`vmoe.moe.Experts` (``fused_bias_act``, on by default) for its ``"bmm"`` and
-``"grouped_mm"`` paths on CUDA when Triton is importable, outside ``torch.compile`` (whose own fusion
-does the same). Elsewhere, and after any failure to compile or launch the kernels (a one-time warning
-says why), the same function runs as stock ops. With ``VMOE_FUSED_INTERPRET=1`` and ``TRITON_INTERPRET=1``
-(both, set before the kernels are first used) they run on CPU tensors too, in Triton's interpreter: how
-the tests check them without a GPU.
+Both run on CUDA tensors when Triton is importable, outside ``torch.compile`` (whose own fusion does
+the same), and are switched together by :attr:`vmoe.moe.MoEMlp.fused`. Elsewhere, and after any failure
+to compile or launch them (a one-time warning says why), the same functions run as stock ops. With
+``VMOE_FUSED_INTERPRET=1`` and ``TRITON_INTERPRET=1`` (both, set before the kernels are first used)
+they run on CPU tensors too, in Triton's interpreter: how the tests check them without a GPU.
 
-Like any ``once_differentiable`` Function, the fused path has no double backward, forward-mode AD or
-``torch.func`` transforms; set ``Experts.fused_bias_act = False`` for those.
+Like any ``once_differentiable`` Function, the fused paths have no double backward, forward-mode AD or
+``torch.func`` transforms; set ``MoEMlp.fused = False`` for those.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["bias_act", "fused_bias_act_usable"]
+__all__ = ["bias_act", "combine_backward", "fused_bias_act_usable", "fused_usable"]
 
 #: Activations the kernels implement (the names of :data:`vmoe.layers.Activation`).
 _ACT_CODES = {"gelu_tanh": 0, "gelu": 1, "relu": 2}
@@ -41,13 +44,14 @@ _disabled: str | None = None  # why the kernels are off for this process, once t
 
 
 @functools.cache
-def _kernels() -> tuple[Any, Any] | None:
-    """The forward and backward Triton kernels (None when Triton is not importable)."""
+def _kernels() -> tuple[Any, Any, Any] | None:
+    """The Triton kernels: bias_act forward and backward, the combine's backward (None when Triton
+    is not importable)."""
     try:
         from vmoe.moe import _triton_kernels as k
     except Exception:  # not installed, or an install that does not import: stock ops
         return None
-    return k.bias_act_fwd, k.bias_act_bwd
+    return k.bias_act_fwd, k.bias_act_bwd, k.combine_bwd
 
 
 def _interpreting() -> bool:
@@ -56,37 +60,40 @@ def _interpreting() -> bool:
     return os.environ.get("VMOE_FUSED_INTERPRET") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def fused_bias_act_usable(h: torch.Tensor, act: str) -> bool:
-    """Whether :func:`bias_act` runs the Triton kernels for ``h``: a CUDA tensor (or any, in the
-    interpreter: see the module's docstring) of a floating dtype, an activation they implement, Triton importable,
-    not inside ``torch.compile``, and no earlier failure in this process."""
-    if _disabled is not None or act not in _ACT_CODES or torch.compiler.is_compiling():
+def fused_usable(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``t``: a CUDA tensor (or any, in the interpreter: see the
+    module's docstring) of a floating dtype, Triton importable, not inside ``torch.compile``, and no
+    earlier failure in this process."""
+    if _disabled is not None or torch.compiler.is_compiling():
         return False
-    if not (h.is_cuda or _interpreting()) or h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if not (t.is_cuda or _interpreting()) or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     return _kernels() is not None
+
+
+def fused_bias_act_usable(h: torch.Tensor, act: str) -> bool:
+    """Whether :func:`bias_act` runs the Triton kernels for ``h`` (:func:`fused_usable`, and an
+    activation they implement)."""
+    return act in _ACT_CODES and fused_usable(h)
 
 
 def _disable(exc: BaseException) -> None:
     global _disabled
     _disabled = f"{type(exc).__name__}: {exc}"
     warnings.warn(
-        f"vmoe: the fused bias+activation kernels failed ({_disabled}); the experts use unfused ops "
+        f"vmoe: the fused Triton kernels failed ({_disabled}); the MoE layers use stock torch ops "
         "from now on (same results, a little slower).",
         RuntimeWarning,
         stacklevel=2,
     )
 
 
-def _launch(kernel: Any, h: torch.Tensor, *args: Any, **meta: Any) -> bool:
-    """Run ``kernel`` over ``h``'s tiles; False (and the kernels off from now on) if Triton cannot
+def _launch(kernel: Any, programs: int, device_of: torch.Tensor, *args: Any, **meta: Any) -> bool:
+    """Run ``kernel`` on ``programs`` programs; False (and the kernels off from now on) if Triton cannot
     compile or launch it here. Out-of-memory errors are the caller's, raised as they are."""
-    programs, R, n_rb, n_mb = _grid(h)
     try:
-        with _on_device(h):
-            kernel[(programs,)](
-                *args, R, h.shape[2], n_rb, n_mb, BR=_BLOCK_R, BM=_BLOCK_M, num_warps=8, **meta
-            )
+        with _on_device(device_of):
+            kernel[(programs,)](*args, **meta)
     except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError in newer torch)
         raise
     except Exception as exc:  # a Triton that cannot compile or launch here: stock ops from now on
@@ -129,8 +136,12 @@ class _BiasAct(torch.autograd.Function):
         ctx.fused = False
         out = torch.empty_like(h)
         if _disabled is None and h.numel():
-            fwd, _ = _kernels()  # type: ignore[misc]
-            ctx.fused = _launch(fwd, h, h, b, out, ACT=_ACT_CODES[act])
+            programs, R, n_rb, n_mb = _grid(h)
+            ctx.fused = _launch(
+                _kernels()[0],  # type: ignore[index]
+                programs, h, h, b, out, R, h.shape[2], n_rb, n_mb,
+                ACT=_ACT_CODES[act], BR=_BLOCK_R, BM=_BLOCK_M, num_warps=8,
+            )  # fmt: skip
         if not ctx.fused:
             out = _act_eager(h + b.unsqueeze(1), act)
         ctx.save_for_backward(h, b)
@@ -142,13 +153,16 @@ class _BiasAct(torch.autograd.Function):
         h, b = ctx.saved_tensors
         g = g.contiguous()
         if ctx.fused and _disabled is None and h.numel():
-            _, bwd = _kernels()  # type: ignore[misc]
             gh = torch.empty_like(h)
             bias_grad = ctx.needs_input_grad[1]
+            programs, R, n_rb, n_mb = _grid(h)
             E, M = b.shape
-            n_rb = _grid(h)[2]
             part = torch.empty(E, n_rb, M, device=h.device, dtype=torch.float32) if bias_grad else gh
-            if _launch(bwd, h, g, h, b, gh, part, ACT=_ACT_CODES[ctx.act], BIAS_GRAD=bias_grad):
+            if _launch(
+                _kernels()[1],  # type: ignore[index]
+                programs, h, g, h, b, gh, part, R, M, n_rb, n_mb,
+                ACT=_ACT_CODES[ctx.act], BR=_BLOCK_R, BM=_BLOCK_M, BIAS_GRAD=bias_grad, num_warps=8,
+            ):  # fmt: skip
                 return gh, part.sum(1).to(b.dtype) if bias_grad else None, None
         gh = _act_backward_eager(g, h + b.unsqueeze(1), ctx.act)
         gb = gh.sum(1, dtype=torch.float32).to(b.dtype) if ctx.needs_input_grad[1] else None
@@ -168,3 +182,47 @@ def bias_act(h: torch.Tensor, b: torch.Tensor, act: str) -> torch.Tensor:
     if b.device != h.device or not fused_bias_act_usable(h, act):
         return _act_eager(h + b.unsqueeze(1), act)
     return _BiasAct.apply(h.contiguous(), b.contiguous(), act)
+
+
+_COMBINE_ROWS, _COMBINE_COLS = 16, 256  # a tile of the combine's backward: 16 rows x 256 columns
+
+
+def combine_backward(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    src: torch.Tensor,
+    w_rows: torch.Tensor,
+    *,
+    grad_y: bool = True,
+    dots: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward of the weighted combine ``out[n] = sum_k w[n, k] * y[row(n, k)]``, one pass.
+
+    For every row r of ``y`` (its token ``src[r]``, its weight ``w_rows[r]``):
+    ``grad_y[r] = w_rows[r] * g[src[r]]`` in ``y``'s dtype, and ``dots[r] = <y[r], g[src[r]]>``
+    (float32 products and sum; the gradient of the weight of the assignment held in row r). Rows of
+    no token must have weight 0 and any valid ``src`` (their dot is never read).
+
+    Args:
+        g: (N, D) the output's gradient.
+        y: (rows, D) the combined expert outputs.
+        src: (rows,) int64 token of each row.
+        w_rows: (rows,) weight of each row, in ``y``'s dtype.
+    Returns:
+        ``grad_y`` (rows, D) and ``dots`` (rows,) float32, each None when not asked for; (None, None)
+        when the kernel is not usable here or failed (the caller then runs stock ops).
+    """
+    if not (fused_usable(y) and g.dtype == y.dtype and g.device == y.device and y.numel()):
+        return None, None
+    g, y = g.contiguous(), y.contiguous()
+    rows, D = y.shape
+    gy = torch.empty_like(y) if grad_y else y
+    dot = torch.empty(rows, device=y.device, dtype=torch.float32) if dots else w_rows
+    ok = _launch(
+        _kernels()[2],  # type: ignore[index]
+        -(-rows // _COMBINE_ROWS), y, g, y, src, w_rows, gy, dot, rows,
+        D=D, BR=_COMBINE_ROWS, BD=_COMBINE_COLS, GRAD_Y=grad_y, DOTS=dots, num_warps=4,
+    )  # fmt: skip
+    if not ok:
+        return None, None
+    return (gy if grad_y else None), (dot if dots else None)

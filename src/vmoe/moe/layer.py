@@ -97,8 +97,21 @@ class MoEMlp(nn.Module):
             impl=cfg.experts_impl,
         )
         self.expert_comm: ExpertComm | None = None
+        self.fused = True
         self.record_routing = False
         self.last_routing: dict[str, torch.Tensor] | None = None
+
+    @property
+    def fused(self) -> bool:
+        """Fused Triton kernels on CUDA (:mod:`vmoe.moe.fused`): the experts' first bias + activation
+        (sets ``Experts.fused_bias_act``) and the combine's backward. Stock torch ops when False, and
+        always off CUDA. Default True."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self._fused = bool(value)
+        self.experts.fused_bias_act = self._fused
 
     @property
     def num_experts(self) -> int:
@@ -145,6 +158,8 @@ class MoEMlp(nn.Module):
             )
         else:
             dispatcher = make_dispatcher(self.cfg.dispatch, routings)
+        if isinstance(dispatcher, IndexDispatcher):
+            dispatcher.fused = self.fused
         # Cast before the gather (N rows) rather than in the experts (k*C*N rows); same values.
         tokens = x_flat.to(compute_dtype(x_flat))
         if grouped or augmented:
