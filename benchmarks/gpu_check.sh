@@ -18,8 +18,10 @@
 #      implementation are checked against a float32 reference (outputs, every gradient and inference
 #      within 1e-2 relative, every kept token's row written), then every row is timed (CUDA events,
 #      warm-up, median of 20) with its peak memory: $OUT/moe_layer.{json,txt} (<= 140 s).
-#   5. only in what is left of 380 s (<= 90 s): dropless routing at E=32, auto's packed rows (a host sync per layer) vs
-#      grouped_mm's front-packed ones (none): $OUT/moe_layer_dropless.{json,txt}.
+#   5. only in what is left of 380 s: benchmarks/fused_kernels.py, the fused Triton kernels against the
+#      stock ops they replace, GB/s against a plain copy (<= 30 s): $OUT/fused_kernels.{json,txt}; then
+#      (<= 90 s) dropless routing at E=32, auto's packed rows (a host sync per layer) vs grouped_mm's
+#      front-packed ones (none): $OUT/moe_layer_dropless.{json,txt}.
 # Worst case 5 + 120 + 110 + 140 s = 6 min 15 s, step 5 fills up to 6 min 20 s (the Tutel build overlaps steps
 # 2-3). Exit status: non-zero if any of steps 1-4 fails.
 set -uo pipefail
@@ -55,10 +57,12 @@ if [ "$DEVICE" = cuda ]; then
     LAYER_ARGS=(--device cuda)
     TRAIN_ARGS=(--device cuda --impls loop,packed,grouped_mm)
     DROPLESS_ARGS=(--device cuda --num-experts 32 --impls grouped_mm --repeats 10)
+    FUSED_ARGS=(--device cuda)
 else  # the script's own dry run: tiny shapes on the CPU
     LAYER_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls loop,grouped_mm,bmm_ones,bmm_unfused)
     TRAIN_ARGS=(--device cpu --small --repeats 2 --warmup 1 --impls loop)
     DROPLESS_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls grouped_mm)
+    FUSED_ARGS=(--device cpu --small)
 fi
 
 VMOE_CHECK_DEVICE="$DEVICE" "$PY" - <<'PYEOF' || exit 1
@@ -100,7 +104,15 @@ fi
 echo "== benchmarks/moe_layer.py ${LAYER_ARGS[*]}"
 PYTHONPATH="${LAYER_PYTHONPATH:-$PYTHONPATH}" timeout 140 "$PY" benchmarks/moe_layer.py "${LAYER_ARGS[@]}" --json "$OUT/moe_layer.json" 2>&1 | tee "$OUT/moe_layer.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-# 5. Dropless routing (E=32), only in the time left of the 6 min 20 s: auto's packed rows (one host sync per
+# 5a. The fused kernels alone against the stock ops they replace, with bandwidth (<= 30 s, when >= 20 s are left).
+left=$((380 - SECONDS))
+if [ "$left" -ge 20 ]; then
+    echo "== benchmarks/fused_kernels.py ${FUSED_ARGS[*]}"
+    timeout "$((left < 30 ? left : 30))" "$PY" benchmarks/fused_kernels.py "${FUSED_ARGS[@]}" --json "$OUT/fused_kernels.json" 2>&1 \
+        | tee "$OUT/fused_kernels.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || echo "== (fused kernel timing incomplete: informative only, status unchanged)"
+fi
+# 5b. Dropless routing (E=32), only in the time left of the 6 min 20 s: auto's packed rows (one host sync per
 #    layer) against grouped_mm's front-packed rows (no sync); checked against the float32 packed rows.
 left=$((380 - SECONDS))
 [ "$left" -gt 90 ] && left=90

@@ -165,6 +165,21 @@ def check_experts() -> None:
     assert fused._disabled is None, fused._disabled
 
 
+def check_benchmark() -> None:
+    """benchmarks/fused_kernels.py times the fused rows next to the stock ones, after checking them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fused_kernels
+
+    result = fused_kernels.main(["--device", "cpu", "--small", "--repeats", "1"])
+    names = {r["name"] for r in result["results"]}
+    assert {"bias_act_fwd[fused]", "bias_act_fwd_bwd[fused]", "combine_bwd[fused]"} <= names, names
+    assert result["fused"] is True and len(result["checks"]) == 5, result["checks"]
+    print("benchmarks/fused_kernels.py: fused rows checked and timed")
+
+
 if __name__ == "__main__":
     for var in ("TRITON_INTERPRET", "VMOE_FUSED_INTERPRET"):
         assert os.environ.get(var) == "1", "run with TRITON_INTERPRET=1 VMOE_FUSED_INTERPRET=1"
@@ -173,4 +188,5 @@ if __name__ == "__main__":
     check_relu_nan()
     check_no_bias_grad_and_inference()
     check_experts()
+    check_benchmark()
     print("all fused kernel checks passed")

@@ -52,7 +52,11 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert "vmoe_ti_e8[loop]" in names and "vit_ti" in names
     assert all(r["images_per_s"] > 0 for r in train["results"])
     assert (tmp_path / "moe_layer.txt").read_text().count("correctness ok") == 5
-    # Step 5, dropless routing, when the earlier steps left it the time (they do here): checked, then timed.
+    # Step 5: the fused kernels' own timing (stock rows only here: no CUDA), then dropless routing, when the
+    # earlier steps left them the time (they do here): checked, then timed.
+    kernels = json.loads((tmp_path / "fused_kernels.json").read_text())
+    assert {"copy", "bias_act_fwd[stock]", "combine_bwd[stock]"} <= {r["name"] for r in kernels["results"]}
+    assert kernels["fused"] is False
     if "dropless run skipped" not in proc.stdout:
         dropless = json.loads((tmp_path / "moe_layer_dropless.json").read_text())
         assert dropless["config"]["capacity_factor"] is None
