@@ -10,7 +10,7 @@
 #   1. the environment (torch, CUDA, GPU, torch._grouped_mm present or not); when .peers/tutel-src/ is
 #      there, Tutel is built in the background (one C++ file on one core, <= 170 s, while steps 2 and 3
 #      run; log in $OUT/tutel_build.log), and raced in step 4 if the build succeeded;
-#   2. the CUDA unit tests (pytest -m gpu), when pytest and hypothesis are importable (<= 120 s: two aot_eager compiles, 14 sync checks, ~16 Triton compiles of the fused kernels);
+#   2. the CUDA unit tests (pytest -m gpu), when pytest and hypothesis are importable (<= 120 s: two aot_eager compiles, 14 sync checks, ~25 Triton compiles of the fused kernels);
 #   3. benchmarks/train_throughput.py: V-MoE-B/16 (E=8, E=32; default experts, and loop, packed, grouped_mm
 #      ones) training images/s against ViT-B/16, ours and timm's, with the FLOP-adjusted efficiency:
 #      $OUT/train_throughput.{json,txt} (<= 110 s);

@@ -13,8 +13,8 @@
   gradient), in one pass that reads each row once, instead of a gathered copy, float32 copies for
   accurate dots, and an in-place multiply.
 
-Both run on CUDA tensors when Triton is importable, outside ``torch.compile`` (whose own fusion does
-the same), and are switched together by :attr:`vmoe.moe.MoEMlp.fused`. Elsewhere, and after any failure
+Both run on CUDA tensors when Triton is importable, except while ``torch.compile`` traces (inductor
+then fuses the stock ops itself), and are switched together by :attr:`vmoe.moe.MoEMlp.fused`. Elsewhere, and after any failure
 to compile or launch them (a one-time warning says why), the same functions run as stock ops. With
 ``VMOE_FUSED_INTERPRET=1`` and ``TRITON_INTERPRET=1`` (both, set before the kernels are first used)
 they run on CPU tensors too, in Triton's interpreter: how the tests check them without a GPU.
@@ -62,7 +62,7 @@ def _interpreting() -> bool:
 
 def fused_usable(t: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on ``t``: a CUDA tensor (or any, in the interpreter: see the
-    module's docstring) of a floating dtype, Triton importable, not inside ``torch.compile``, and no
+    module's docstring) of a floating dtype, Triton importable, not while ``torch.compile`` traces, and no
     earlier failure in this process."""
     if _disabled is not None or torch.compiler.is_compiling():
         return False
@@ -212,10 +212,15 @@ def combine_backward(
         ``grad_y`` (rows, D) and ``dots`` (rows,) float32, each None when not asked for; (None, None)
         when the kernel is not usable here or failed (the caller then runs stock ops).
     """
-    if not (fused_usable(y) and g.dtype == y.dtype and g.device == y.device and y.numel()):
-        return None, None
-    g, y = g.contiguous(), y.contiguous()
     rows, D = y.shape
+    same = (
+        g.dtype == y.dtype and w_rows.dtype == y.dtype and g.device == src.device == w_rows.device == y.device
+    )
+    if not (fused_usable(y) and same and src.shape == w_rows.shape == (rows,) and y.numel()):
+        return None, None
+    g, src, w_rows = g.contiguous(), src.contiguous(), w_rows.contiguous()
+    if dots:
+        y = y.contiguous()
     gy = torch.empty_like(y) if grad_y else y
     dot = torch.empty(rows, device=y.device, dtype=torch.float32) if dots else w_rows
     ok = _launch(

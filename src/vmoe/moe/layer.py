@@ -106,7 +106,7 @@ class MoEMlp(nn.Module):
         """Fused Triton kernels on CUDA (:mod:`vmoe.moe.fused`): the experts' first bias + activation
         (sets ``Experts.fused_bias_act``) and the combine's backward. Stock torch ops when False, and
         always off CUDA. Default True."""
-        return self._fused
+        return getattr(self, "_fused", True)  # (a layer pickled before the switch existed: on)
 
     @fused.setter
     def fused(self, value: bool) -> None:
