@@ -132,7 +132,7 @@ class TopKRouter(nn.Module):
     ) -> tuple[Routing, Callable[[], RouterOutput]]:
         """:meth:`forward` in two steps: the routing plan now, the auxiliary losses when ``finish()``
         is called (same values, same random noise). :class:`~vmoe.moe.MoEMlp` calls ``finish`` after
-        the experts' matmuls have been issued: on a GPU the losses' ~25 small kernels then queue
+        the experts' matmuls have been issued: on a GPU the losses' ~26 small kernels then queue
         behind the matmuls instead of delaying them. Arguments as :meth:`forward`.
         """
         if x.dim() != 3:
