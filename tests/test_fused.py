@@ -137,6 +137,18 @@ def test_bias_act_runs_stock_ops_off_cuda(act, monkeypatch):
     assert _rel(y, y64) < 1e-6 and _rel(gh, gh64) < 1e-6 and _rel(gb, gb64) < 1e-6
 
 
+def test_vmoe_fused_0_turns_the_kernels_off_for_the_process(monkeypatch):
+    monkeypatch.setattr(fused, "_interpreting", lambda: True)  # CPU tensors would count as usable
+    h = torch.zeros(2, 3, 4)
+    if HAS_TRITON:
+        assert fused.fused_usable(h)
+    monkeypatch.setenv("VMOE_FUSED", "0")
+    assert not fused.fused_usable(h) and not fused.fused_bias_act_usable(h, "gelu_tanh")
+    assert fused.combine_backward(
+        torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), torch.zeros(3)
+    ) == (None, None)
+
+
 def test_bias_act_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"expects \(E, R, M\) and \(E, M\), got \(2, 5, 6\) and \(2, 5\)"):
         fused.bias_act(torch.zeros(2, 5, 6), torch.zeros(2, 5), "gelu_tanh")

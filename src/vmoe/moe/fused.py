@@ -14,10 +14,12 @@
   accurate dots, and an in-place multiply.
 
 Both run on CUDA tensors when Triton is importable, except while ``torch.compile`` traces (inductor
-then fuses the stock ops itself), and are switched together by :attr:`vmoe.moe.MoEMlp.fused`. Elsewhere, and after any failure
-to compile or launch them (a one-time warning says why), the same functions run as stock ops. With
-``VMOE_FUSED_INTERPRET=1`` and ``TRITON_INTERPRET=1`` (both, set before the kernels are first used)
-they run on CPU tensors too, in Triton's interpreter: how the tests check them without a GPU.
+then fuses the stock ops itself). They are switched together per layer by :attr:`vmoe.moe.MoEMlp.fused`,
+and off for the whole process by ``VMOE_FUSED=0`` in the environment (e.g. to A/B a training run).
+Elsewhere, and after any failure to compile or launch them (a one-time warning says why), the same
+functions run as stock ops. With ``VMOE_FUSED_INTERPRET=1`` and ``TRITON_INTERPRET=1`` (both, set
+before the kernels are first used) they run on CPU tensors too, in Triton's interpreter: how the
+tests check them without a GPU.
 
 Like any ``once_differentiable`` Function, the fused paths have no double backward, forward-mode AD or
 ``torch.func`` transforms; set ``MoEMlp.fused = False`` for those.
@@ -62,9 +64,9 @@ def _interpreting() -> bool:
 
 def fused_usable(t: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on ``t``: a CUDA tensor (or any, in the interpreter: see the
-    module's docstring) of a floating dtype, Triton importable, not while ``torch.compile`` traces, and no
-    earlier failure in this process."""
-    if _disabled is not None or torch.compiler.is_compiling():
+    module's docstring) of a floating dtype, Triton importable, not while ``torch.compile`` traces, not
+    turned off by ``VMOE_FUSED=0``, and no earlier failure in this process."""
+    if _disabled is not None or torch.compiler.is_compiling() or os.environ.get("VMOE_FUSED") == "0":
         return False
     if not (t.is_cuda or _interpreting()) or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
