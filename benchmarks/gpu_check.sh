@@ -59,7 +59,7 @@ if [ "$DEVICE" = cuda ]; then
     DROPLESS_ARGS=(--device cuda --num-experts 32 --impls grouped_mm --repeats 10)
     FUSED_ARGS=(--device cuda)
 else  # the script's own dry run: tiny shapes on the CPU
-    LAYER_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls loop,grouped_mm,bmm_ones,bmm_unfused)
+    LAYER_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls bmm,loop,grouped_mm,bmm_ones,bmm_unfused)
     TRAIN_ARGS=(--device cpu --small --repeats 2 --warmup 1 --impls loop)
     DROPLESS_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls grouped_mm)
     FUSED_ARGS=(--device cpu --small)

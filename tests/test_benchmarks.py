@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,8 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_gpu_check_script_dry_run_on_cpu(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["stock-ops", "fused-kernels-interpreted"])
+def test_gpu_check_script_dry_run_on_cpu(tmp_path, fused):
+    """The whole script end to end; with ``fused``, the fused Triton kernels run too (in Triton's
+    interpreter), in every check and timed row, as they will on the GPU."""
+    if fused and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install -e '.[dev]' installs it)")
     env = {**os.environ, "VMOE_CHECK_DEVICE": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    if fused:
+        env.update(TRITON_INTERPRET="1", VMOE_FUSED_INTERPRET="1")
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
         env=env,
@@ -28,6 +36,7 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     layer = json.loads((tmp_path / "moe_layer.json").read_text())
     assert set(layer["config"]["checks"]) == {
         "E8",
+        "E8_bmm",
         "E8_loop",
         "E8_grouped_mm",
         "E8_bmm_ones",
@@ -38,25 +47,28 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     assert {
         "floor",
         "vmoe",
+        "vmoe_bmm",
         "vmoe_loop",
         "vmoe_grouped_mm",
         "vmoe_bmm_ones",
         "vmoe_bmm_unfused",
         "vmoe_loop_fwd",
     } <= names
-    assert layer["config"]["fused_kernels"].startswith("off (stock ops")  # no CUDA here
+    want = "on (Triton)" if fused else "off (stock ops: no CUDA or no Triton)"
+    assert layer["config"]["fused_kernels"] == want
     train_rows = [r for r in layer["results"] if not r["name"].endswith("_fwd")]
     assert all(r["saved_mib"] > 0 for r in train_rows)  # activation memory per fwd+bwd row
     train = json.loads((tmp_path / "train_throughput.json").read_text())
     names = [r["name"] for r in train["results"]]
     assert "vmoe_ti_e8[loop]" in names and "vit_ti" in names
     assert all(r["images_per_s"] > 0 for r in train["results"])
-    assert (tmp_path / "moe_layer.txt").read_text().count("correctness ok") == 5
-    # Step 5: the fused kernels' own timing (stock rows only here: no CUDA), then dropless routing, when the
+    assert (tmp_path / "moe_layer.txt").read_text().count("correctness ok") == 6
+    # Step 5: the fused kernels' own timing (fused rows only when interpreted), then dropless routing, when the
     # earlier steps left them the time (they do here): checked, then timed.
     kernels = json.loads((tmp_path / "fused_kernels.json").read_text())
     assert {"copy", "bias_act_fwd[stock]", "combine_bwd[stock]"} <= {r["name"] for r in kernels["results"]}
-    assert kernels["fused"] is False
+    assert kernels["fused"] is fused
+    assert ("combine_bwd[fused]" in {r["name"] for r in kernels["results"]}) is fused
     if "dropless run skipped" not in proc.stdout:
         dropless = json.loads((tmp_path / "moe_layer_dropless.json").read_text())
         assert dropless["config"]["capacity_factor"] is None
