@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vmoe.layers import activation
 from vmoe.moe import Experts, fused
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -21,7 +22,7 @@ def _reference(h: torch.Tensor, b: torch.Tensor, act: str, g: torch.Tensor) -> t
     """float64 stock ops: output and the gradients of h and b for the output gradient g."""
     h64 = h.detach().double().requires_grad_(True)
     b64 = b.detach().double().requires_grad_(True)
-    y = fused._act_eager(h64 + b64.unsqueeze(1), act)
+    y = activation(h64 + b64.unsqueeze(1), act)
     return (y.detach(), *torch.autograd.grad(y, (h64, b64), g.double()))
 
 
@@ -149,6 +150,20 @@ def test_vmoe_fused_0_turns_the_kernels_off_for_the_process(monkeypatch):
     ) == (None, None)
 
 
+@pytest.mark.parametrize("act", ACTS)
+def test_activation_backward_is_autograds_gradient(act):
+    """vmoe.layers.activation_backward (the stock backward of the fused path and of the experts'
+    hand-written Functions) against autograd, with a NaN and an exact 0 among the inputs."""
+    from vmoe.layers import activation_backward
+
+    x = torch.tensor([float("nan"), -2.0, -0.5, 0.0, 0.3, 4.0], dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64)
+    (ref,) = torch.autograd.grad(activation(x, act), x, g)
+    torch.testing.assert_close(activation_backward(g, x.detach(), act), ref, equal_nan=True)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        activation_backward(g, x.detach(), "swish")  # type: ignore[arg-type]
+
+
 def test_bias_act_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"expects \(E, R, M\) and \(E, M\), got \(2, 5, 6\) and \(2, 5\)"):
         fused.bias_act(torch.zeros(2, 5, 6), torch.zeros(2, 5), "gelu_tanh")
@@ -170,7 +185,7 @@ def _fail(*args):
 
 
 def _fake_fwd(h, b, out, *rest):
-    out.copy_(fused._act_eager(h + b.unsqueeze(1), "gelu_tanh"))
+    out.copy_(activation(h + b.unsqueeze(1), "gelu_tanh"))
 
 
 @pytest.mark.parametrize("failing", ["forward", "backward"])

@@ -15,6 +15,7 @@ __all__ = [
     "Activation",
     "Mlp",
     "activation",
+    "activation_backward",
     "compute_dtype",
     "dropout",
     "prefer_static_shapes",
@@ -32,6 +33,18 @@ def activation(x: torch.Tensor, kind: Activation) -> torch.Tensor:
         return F.gelu(x)
     if kind == "relu":
         return F.relu(x)
+    raise ValueError(f"unknown activation {kind!r}; expected 'gelu_tanh', 'gelu' or 'relu'")
+
+
+def activation_backward(g: torch.Tensor, x: torch.Tensor, kind: Activation) -> torch.Tensor:
+    """The gradient of :func:`activation` at its input ``x`` for the output gradient ``g`` (the
+    kernels autograd runs: ``gelu_backward``; for ReLU ``threshold_backward``, zero where x <= 0)."""
+    if kind == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(g, x, approximate="tanh")
+    if kind == "gelu":
+        return torch.ops.aten.gelu_backward(g, x)
+    if kind == "relu":
+        return torch.ops.aten.threshold_backward(g, x, 0)
     raise ValueError(f"unknown activation {kind!r}; expected 'gelu_tanh', 'gelu' or 'relu'")
 
 

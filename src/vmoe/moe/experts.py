@@ -10,17 +10,18 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from vmoe.layers import Activation, activation, compute_dtype, dropout, prefer_static_shapes, xavier_uniform_
+from vmoe.layers import (
+    Activation,
+    activation,
+    activation_backward,
+    compute_dtype,
+    dropout,
+    prefer_static_shapes,
+    xavier_uniform_,
+)
 from vmoe.moe.fused import bias_act, fused_bias_act_usable
 
 __all__ = ["Experts", "Slab", "expert_slabs"]
-
-
-_ACT_BACKWARD = {
-    "gelu_tanh": lambda g, h, a: torch.ops.aten.gelu_backward(g, h, approximate="tanh"),
-    "gelu": lambda g, h, a: torch.ops.aten.gelu_backward(g, h),
-    "relu": lambda g, h, a: torch.ops.aten.threshold_backward(g, a, 0),
-}
 
 
 class Slab(NamedTuple):
@@ -191,7 +192,6 @@ class _GroupedMlp(torch.autograd.Function):
         gw2 = torch.empty_like(w2) if need_w2 else None
         gb1 = w1.new_empty(E, w1.shape[2]) if need_b1 else None
         gb2 = w2.new_empty(E, w2.shape[2]) if need_b2 else None
-        act_backward = _ACT_BACKWARD[ctx.act]
         written = [False] * E  # an expert's first slab writes its weight gradients, later ones add
         start = 0
         for i, slab in enumerate(ctx.slabs):
@@ -204,7 +204,7 @@ class _GroupedMlp(torch.autograd.Function):
                 _bmm_into(gw2[ex], a.transpose(1, 2), gs, first)
             if gb2 is not None:
                 _sum_into(gb2[ex], gs, first)
-            gh = act_backward(_bmm(gs, w2[ex].transpose(1, 2)), h, a)  # (w, m, M)
+            gh = activation_backward(_bmm(gs, w2[ex].transpose(1, 2)), h, ctx.act)  # (w, m, M)
             if gw1 is not None:
                 _bmm_into(gw1[ex], xs.transpose(1, 2), gh, first)
             if gb1 is not None:
@@ -396,7 +396,7 @@ class _GroupedRowsMlp(torch.autograd.Function):
         if need_w2:
             gw2 = gmm(a.t(), g, offs=offsets)  # (E, M, D)
         if need_x or need_w1 or need_b1:
-            gh = _ACT_BACKWARD[ctx.act](gmm(g, w2.transpose(1, 2), offs=offsets), h, a)  # (T, M)
+            gh = activation_backward(gmm(g, w2.transpose(1, 2), offs=offsets), h, ctx.act)  # (T, M)
             if need_w1 or need_b1:
                 gw1a = gmm(x.t(), gh, offs=offsets)  # (E, D + 8, M): row D is the bias's gradient
                 gw1, gb1 = gw1a[:, :D], gw1a[:, D]
@@ -456,7 +456,7 @@ class _AugmentedMlp(torch.autograd.Function):
         if need_w2:
             gw2 = torch.bmm(a.transpose(1, 2), g)  # (E, M, D)
         if need_x or need_w1 or need_b1:
-            gh = _ACT_BACKWARD[ctx.act](torch.bmm(g, w2.transpose(1, 2)), h, a)  # (E, R, M)
+            gh = activation_backward(torch.bmm(g, w2.transpose(1, 2)), h, ctx.act)  # (E, R, M)
             if need_w1 or need_b1:
                 gw1a = torch.bmm(x.transpose(1, 2), gh)  # (E, D + 8, M): row D is the bias's gradient
                 gw1, gb1 = gw1a[:, :D], gw1a[:, D]

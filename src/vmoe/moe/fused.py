@@ -34,8 +34,9 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from vmoe.layers import Activation, activation, activation_backward
 
 __all__ = ["bias_act", "combine_backward", "fused_bias_act_usable", "fused_usable"]
 
@@ -73,7 +74,7 @@ def fused_usable(t: torch.Tensor) -> bool:
     return _kernels() is not None
 
 
-def fused_bias_act_usable(h: torch.Tensor, act: str) -> bool:
+def fused_bias_act_usable(h: torch.Tensor, act: Activation) -> bool:
     """Whether :func:`bias_act` runs the Triton kernels for ``h`` (:func:`fused_usable`, and an
     activation they implement)."""
     return act in _ACT_CODES and fused_usable(h)
@@ -104,18 +105,6 @@ def _launch(kernel: Any, programs: int, device_of: torch.Tensor, *args: Any, **m
     return True
 
 
-def _act_eager(x: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    return F.gelu(x) if act == "gelu" else F.relu(x)
-
-
-def _act_backward_eager(g: torch.Tensor, x: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "relu":  # as torch's threshold_backward: zero where x <= 0 (NaN passes)
-        return g.masked_fill(x <= 0, 0)
-    return torch.ops.aten.gelu_backward(g, x, approximate="tanh" if act == "gelu_tanh" else "none")
-
-
 def _on_device(t: torch.Tensor) -> Any:
     """Triton launches on the current CUDA device: make it ``t``'s (a rank whose tensors are not on
     the current device, e.g. no ``torch.cuda.set_device``, would otherwise launch on the wrong GPU)."""
@@ -132,7 +121,7 @@ class _BiasAct(torch.autograd.Function):
     """``act(h + b[:, None])`` with the Triton kernels; saves ``h`` and ``b`` (not ``h + b``)."""
 
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, b: torch.Tensor, act: str) -> torch.Tensor:
+    def forward(ctx: Any, h: torch.Tensor, b: torch.Tensor, act: Activation) -> torch.Tensor:
         # h (E, R, M) contiguous, b (E, M) -> (E, R, M)
         ctx.act = act
         ctx.fused = False
@@ -145,7 +134,7 @@ class _BiasAct(torch.autograd.Function):
                 ACT=_ACT_CODES[act], BR=_BLOCK_R, BM=_BLOCK_M, num_warps=8,
             )  # fmt: skip
         if not ctx.fused:
-            out = _act_eager(h + b.unsqueeze(1), act)
+            out = activation(h + b.unsqueeze(1), act)
         ctx.save_for_backward(h, b)
         return out
 
@@ -166,12 +155,12 @@ class _BiasAct(torch.autograd.Function):
                 ACT=_ACT_CODES[ctx.act], BR=_BLOCK_R, BM=_BLOCK_M, BIAS_GRAD=bias_grad, num_warps=8,
             ):  # fmt: skip
                 return gh, part.sum(1).to(b.dtype) if bias_grad else None, None
-        gh = _act_backward_eager(g, h + b.unsqueeze(1), ctx.act)
+        gh = activation_backward(g, h + b.unsqueeze(1), ctx.act)
         gb = gh.sum(1, dtype=torch.float32).to(b.dtype) if ctx.needs_input_grad[1] else None
         return gh, gb, None
 
 
-def bias_act(h: torch.Tensor, b: torch.Tensor, act: str) -> torch.Tensor:
+def bias_act(h: torch.Tensor, b: torch.Tensor, act: Activation) -> torch.Tensor:
     """``act(h + b[:, None, :])``: (E, R, M), (E, M) -> (E, R, M), one pass each way when fused.
 
     Runs the Triton kernels where :func:`fused_bias_act_usable` says so, else stock ops (the same
@@ -182,7 +171,7 @@ def bias_act(h: torch.Tensor, b: torch.Tensor, act: str) -> torch.Tensor:
         raise ValueError(f"bias_act expects (E, R, M) and (E, M), got {tuple(h.shape)} and {tuple(b.shape)}")
     b = b.to(h.dtype)
     if b.device != h.device or not fused_bias_act_usable(h, act):
-        return _act_eager(h + b.unsqueeze(1), act)
+        return activation(h + b.unsqueeze(1), act)
     return _BiasAct.apply(h.contiguous(), b.contiguous(), act)
 
 
