@@ -17,7 +17,8 @@
 #   4. benchmarks/moe_layer.py: for E=8 and E=32 at V-MoE-B/16 shapes, the fast path and every experts
 #      implementation are checked against a float32 reference (outputs, every gradient and inference
 #      within 1e-2 relative, every kept token's row written), then every row is timed (CUDA events,
-#      warm-up, median of 20) with its peak memory: $OUT/moe_layer.{json,txt} (<= 140 s).
+#      warm-up, median of 20) with its peak memory, and where the default layer's time goes (--breakdown:
+#      its experts alone, and the layer with identity experts): $OUT/moe_layer.{json,txt} (<= 140 s).
 #   5. only in what is left of 380 s: benchmarks/fused_kernels.py, the fused Triton kernels against the
 #      stock ops they replace, GB/s against a plain copy (<= 30 s): $OUT/fused_kernels.{json,txt}; then
 #      (<= 90 s) dropless routing at E=32, auto's packed rows (a host sync per layer) vs grouped_mm's
@@ -54,12 +55,12 @@ elif [ -f .peers/tutel-src/setup.py ]; then
     tutel_pid=$!
 fi
 if [ "$DEVICE" = cuda ]; then
-    LAYER_ARGS=(--device cuda)
+    LAYER_ARGS=(--device cuda --breakdown)
     TRAIN_ARGS=(--device cuda --impls loop,packed,grouped_mm)
     DROPLESS_ARGS=(--device cuda --num-experts 32 --impls grouped_mm --repeats 10)
     FUSED_ARGS=(--device cuda)
 else  # the script's own dry run: tiny shapes on the CPU
-    LAYER_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls bmm,loop,grouped_mm,bmm_ones,bmm_unfused)
+    LAYER_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --breakdown --impls bmm,loop,grouped_mm,bmm_ones,bmm_unfused)
     TRAIN_ARGS=(--device cpu --small --repeats 2 --warmup 1 --impls loop)
     DROPLESS_ARGS=(--device cpu --small --amp bf16 --repeats 2 --warmup 1 --impls grouped_mm)
     FUSED_ARGS=(--device cpu --small)

@@ -22,6 +22,9 @@ Rows (``*_fwd``: forward only, eval mode, no grad; their ratio is to ``floor_fwd
                  row dots). bmm_ones: bmm with the first bias riding in the
                  matmul as a ones column of the tokens (``Experts.bias_in_matmul``)
     loop         the same router, then a per-expert Python loop: gather by mask, MLP, scatter
+    vmoe_experts / vmoe_routing   with --breakdown: where vmoe's time goes. Its experts alone, on the rows
+                 the layer gives them (same counts, slabs or buffers), and the layer with identity experts
+                 (router with its noise and aux losses, dispatch, combine); their sum is about vmoe
     fairscale / tutel / tutel_bpr   peers, only when importable (never null):
                  ``TUTEL_SRC=<microsoft/tutel checkout> bash scripts/get_peers.sh`` builds both into
                  .peers/, then run with PYTHONPATH=.peers (Tutel: top-2, gate noise 1/E, fp32 gate,
@@ -328,12 +331,106 @@ class Timer:
         return (time.perf_counter() - t0) * 1e3
 
 
+# Where an MoE layer's time goes (--breakdown): its experts alone, on the very rows the layer gives them, and
+# the layer with its experts replaced by the identity (router, auxiliary losses, dispatch and combine).
+_EXPERT_ENTRIES = ("forward", "forward_rows", "forward_grouped_rows", "forward_augmented")
+
+
+@contextlib.contextmanager
+def experts_replaced(
+    layer: MoEMlp, make: Callable[[str, Callable[..., Any]], Callable[..., Any]]
+) -> Iterator[None]:
+    """Within the block, the layer's outermost call of its experts, whichever entry point the layer uses
+    (``Experts.forward``, ``forward_rows``, ``forward_grouped_rows``, ``forward_augmented``), goes to
+    ``make(name, original)`` instead; calls nested in it (``forward`` -> ``forward_rows``) are left alone."""
+    experts = layer.experts
+    depth = [0]
+
+    def wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        replacement = make(name, original)
+
+        def call(*args: Any, **kw: Any) -> Any:
+            if depth[0]:
+                return original(*args, **kw)
+            depth[0] += 1
+            try:
+                return replacement(*args, **kw)
+            finally:
+                depth[0] -= 1
+
+        return call
+
+    for name in _EXPERT_ENTRIES:
+        setattr(experts, name, wrap(name, getattr(experts, name)))
+    try:
+        yield
+    finally:
+        for name in _EXPERT_ENTRIES:
+            delattr(experts, name)  # the class's method again
+
+
+def _identity_experts(layer: MoEMlp) -> Callable[[str, Callable[..., Any]], Callable[..., Any]]:
+    """Experts that return their input rows (the first D columns: grouped rows carry a ones column)."""
+    dim = layer.experts.w1.shape[1]
+    return lambda name, original: lambda inp, *args, **kw: inp[..., :dim]
+
+
+def experts_alone(
+    layer: MoEMlp, x: torch.Tensor, train: bool, autocast: Callable[[], Any]
+) -> Callable[[], Any]:
+    """A step that runs only ``layer``'s experts (fwd+bwd if ``train``, else inference), on the input
+    the layer gave them in one call on ``x`` (same entry point, rows, counts and slabs)."""
+    seen: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def record(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kw: Any) -> Any:
+            seen.append((name, args, kw))
+            return original(*args, **kw)
+
+        return call
+
+    layer.train(train)
+    mode = contextlib.nullcontext() if train else torch.inference_mode()
+    with experts_replaced(layer, record), mode, autocast():
+        layer(x)
+    name, args, kw = seen[0]
+    method = getattr(layer.experts, name)
+    inp = args[0].detach()
+    if not train:
+
+        def infer() -> Any:
+            layer.eval()
+            with torch.inference_mode(), autocast():
+                return method(inp, *args[1:], **kw)
+
+        return infer
+    leaf = inp.clone().requires_grad_(True)
+    with autocast():
+        g = torch.randn_like(method(leaf, *args[1:], **kw))
+
+    def step() -> Any:
+        layer.train()
+        with autocast():
+            out = method(leaf, *args[1:], **kw)
+        torch.autograd.grad(out, [leaf, *layer.experts.parameters()], g.to(out.dtype))
+        return out
+
+    return step
+
+
 def build_variants(
-    s: Shapes, device: torch.device, amp: bool, peers: bool, impls: tuple[str, ...] = ()
+    s: Shapes,
+    device: torch.device,
+    amp: bool,
+    peers: bool,
+    impls: tuple[str, ...] = (),
+    breakdown: bool = False,
 ) -> dict[str, Callable[[], Any]]:
     """name -> a zero-argument step (fwd+bwd, or forward only for ``*_fwd``).
 
     ``impls``: extra rows ``vmoe_<impl>`` with the experts' matmuls forced to that implementation.
+    ``breakdown``: rows ``vmoe_experts`` (the default layer's experts alone, on the rows it gives them) and
+    ``vmoe_routing`` (that layer with identity experts: router, aux losses, dispatch, combine), and their ``_fwd``.
     """
     torch.manual_seed(0)
     x = torch.randn(s.batch, s.tokens, s.dim, device=device)
@@ -400,6 +497,24 @@ def build_variants(
     for name, lay in layers.items():
         variants[f"{name}_fwd"] = fwd_step(lay, moe_call(lay), x)
     variants["loop_fwd"] = fwd_step(loop_layer, lambda t: loop_forward(loop_layer, t), x)
+    if breakdown:
+        parts = make_layer(s).to(device)
+        parts.load_state_dict(layers["vmoe"].state_dict())
+        identity = _identity_experts(parts)
+
+        def routing_only(inp: torch.Tensor) -> Any:
+            with experts_replaced(parts, identity):
+                return moe_call(parts)(inp)
+
+        try:  # informative rows: a failure here leaves them out, not the run
+            variants["vmoe_experts"] = experts_alone(parts, x_req, True, autocast)
+            variants["vmoe_routing"] = train_step(parts, routing_only, x_req, gy)
+            variants["vmoe_experts_fwd"] = experts_alone(parts, x, False, autocast)
+            variants["vmoe_routing_fwd"] = fwd_step(parts, routing_only, x)
+        except Exception as exc:
+            print(f"E={s.num_experts} breakdown rows left out: {exc!r}", file=sys.stderr, flush=True)
+            for name in ("vmoe_experts", "vmoe_routing", "vmoe_experts_fwd", "vmoe_routing_fwd"):
+                variants.pop(name, None)
     if peers and s.capacity_factor is None:
         print("peers left out: dropless routing (their gates have a capacity)", file=sys.stderr)
     elif peers:
@@ -459,8 +574,9 @@ def bench(
     peers: bool,
     only: set[str] | None = None,
     impls: tuple[str, ...] = (),
+    breakdown: bool = False,
 ) -> list[dict[str, Any]]:
-    variants = build_variants(s, device, amp, peers, impls)
+    variants = build_variants(s, device, amp, peers, impls, breakdown)
     if only:
         variants = {n: f for n, f in variants.items() if n in only or n in ("floor", "floor_fwd")}
     timer = Timer(device)
@@ -539,6 +655,21 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(line)
 
 
+def print_breakdown(rows: list[dict[str, Any]]) -> None:
+    """One line per mode: the experts' and the rest's shares of the floor next to the whole layer's."""
+    ratio = {r["name"]: r["ratio_to_floor"] for r in rows}
+    for suffix, mode in (("", "fwd+bwd"), ("_fwd", "forward")):
+        parts = [ratio.get(f"vmoe_{n}{suffix}") for n in ("experts", "routing", "")]
+        parts[2] = ratio.get(f"vmoe{suffix}")
+        if None in parts:
+            continue
+        experts, routing, whole = parts
+        print(
+            f"breakdown E={rows[0]['num_experts']} {mode}: experts {experts:.3f} + router/losses/dispatch/combine "
+            f"{routing:.3f} = {experts + routing:.3f} of the floor; the whole layer {whole:.3f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -568,6 +699,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "(bmm, loop, packed, grouped_mm; bmm_ones: bmm with the first bias in the matmul; bmm_unfused: "
         "bmm without the fused Triton kernels (MoEMlp.fused off); default on CUDA: loop, packed, grouped_mm, "
         "bmm_ones, bmm_unfused; none on CPU)",
+    )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time where the layer's time goes: vmoe_experts (its experts alone, on the rows the layer "
+        "gives them) and vmoe_routing (the layer with identity experts: router, aux losses, dispatch, combine)",
     )
     p.add_argument(
         "--heap-alloc",
@@ -639,6 +776,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio": "median over rounds of row_ms / floor_ms in the same round (rows interleaved)",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "heap_alloc": a.heap_alloc,
+        "breakdown": a.breakdown,
         "impls": list(impls),
         "loadavg_start": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
@@ -690,6 +828,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             peers=not a.no_peers,
             only=set(a.only.split(",")) if a.only else None,
             impls=tuple(i for i in impls if i not in failed),
+            breakdown=a.breakdown,
         )
         config["checks"] = checks
         config["fused_kernels"] = fused_status(device)
@@ -701,6 +840,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 json.dump(result, f, indent=1)
             os.replace(f"{a.json}.tmp", a.json)
         print_table([r for r in rows if r["num_experts"] == E])
+        print_breakdown([r for r in rows if r["num_experts"] == E])
     _close_peers()
     if check_failed:
         raise SystemExit("the fast path failed its correctness check (see above and checks in the JSON)")

@@ -53,7 +53,12 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path, fused):
         "vmoe_bmm_ones",
         "vmoe_bmm_unfused",
         "vmoe_loop_fwd",
+        "vmoe_experts",
+        "vmoe_routing",
+        "vmoe_experts_fwd",
+        "vmoe_routing_fwd",
     } <= names
+    assert "breakdown E=8 fwd+bwd: experts" in (tmp_path / "moe_layer.txt").read_text()
     want = "on (Triton)" if fused else "off (stock ops: no CUDA or no Triton)"
     assert layer["config"]["fused_kernels"] == want
     train_rows = [r for r in layer["results"] if not r["name"].endswith("_fwd")]
@@ -169,3 +174,83 @@ def test_optimizer_step_benchmark_reports_all_implementations(tmp_path):
         assert row[key] > 0, key
     assert 2.5 < row["params_m"] < 3.0  # ViT-Ti/4 at 32px: 2.7M parameters
     assert (tmp_path / "o.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore:capacity rounding")
+@pytest.mark.parametrize("impl", ["auto", "bmm", "bmm_ones", "loop", "grouped_mm"])
+def test_breakdown_identity_experts_leave_router_dispatch_and_combine(impl):
+    # vmoe_routing: with identity experts the layer returns each token times the sum of its kept gates,
+    # whichever entry point the implementation uses (buffers, packed rows, front-packed rows with a ones
+    # column, augmented buffers), and the experts' methods are the class's again afterwards.
+    import torch
+
+    if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm needs torch >= 2.8")
+    ml = _bench_module("moe_layer")
+    s = ml.Shapes(batch=12, tokens=17, dim=32, hidden=64, num_experts=4)
+    layer = ml.make_layer(s, impl=impl).eval()
+    layer.record_routing = True
+    x = torch.randn(12, 17, 32)
+    with ml.experts_replaced(layer, ml._identity_experts(layer)):
+        y, _ = layer(x)
+    assert layer.last_routing is not None
+    kept = layer.last_routing["kept"]
+    gates = torch.gather(layer.last_routing["gates"], -1, layer.last_routing["expert_index"])
+    expect = x * (gates * kept).sum(-1, keepdim=True)
+    torch.testing.assert_close(y, expect, rtol=1e-6, atol=1e-6)
+    assert not any(n in vars(layer.experts) for n in ml._EXPERT_ENTRIES)
+    assert not torch.equal(layer(x)[0], y)  # the real experts are back
+
+
+@pytest.mark.filterwarnings("ignore:capacity rounding")
+@pytest.mark.parametrize("train", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize("impl", ["auto", "bmm", "bmm_ones", "grouped_mm"])
+def test_breakdown_experts_alone_replays_the_layers_own_expert_call(impl, train):
+    # vmoe_experts: the experts' call the layer made (its rows, counts and slabs), replayed alone, gives
+    # the same rows as in the layer; in training it also yields every experts gradient.
+    import contextlib
+
+    import torch
+
+    if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm needs torch >= 2.8")
+    ml = _bench_module("moe_layer")
+    s = ml.Shapes(batch=12, tokens=17, dim=32, hidden=64, num_experts=4)
+    layer = ml.make_layer(s, impl=impl)
+    x = torch.randn(12, 17, 32)
+    outs: list[torch.Tensor] = []
+    filled: list[int] = []  # front-packed rows: those past offsets[-1] are never computed (arbitrary)
+
+    def keep(name, original):
+        def call(*args, **kw):
+            outs.append(original(*args, **kw).detach().clone())
+            filled.append(int(args[1][-1]) if name == "forward_grouped_rows" else len(outs[-1]))
+            return outs[-1]
+
+        return call
+
+    torch.manual_seed(0)
+    layer.train(train)
+    with ml.experts_replaced(layer, keep), contextlib.nullcontext() if train else torch.inference_mode():
+        layer(x)
+    torch.manual_seed(0)  # the same router noise in the capture below
+    step = ml.experts_alone(layer, x.requires_grad_(train), train, contextlib.nullcontext)
+    grads_before = [p.grad for p in layer.experts.parameters()]
+    out = step()
+    n = filled[0]
+    torch.testing.assert_close(out.detach().float()[:n], outs[0].float()[:n], rtol=1e-6, atol=1e-6)
+    assert all(g is None for g in grads_before)  # autograd.grad: nothing accumulated in .grad
+
+
+def test_moe_layer_breakdown_rows_and_summary(capsys):
+    ml = _bench_module("moe_layer")
+    report = ml.main(
+        ["--device", "cpu", "--small", "--breakdown", "--no-peers", "--no-check", "--repeats", "2"]
+    )
+    rows = {r["name"]: r for r in report["results"]}
+    for name in ("vmoe_experts", "vmoe_routing", "vmoe_experts_fwd", "vmoe_routing_fwd"):
+        assert 0 < rows[name]["ratio_to_floor"] < 100, name
+    assert rows["vmoe_experts"]["saved_mib"] > 0 and rows["vmoe_routing"]["saved_mib"] > 0
+    assert report["config"]["breakdown"] is True
+    out = capsys.readouterr().out
+    assert "breakdown E=8 fwd+bwd: experts" in out and "breakdown E=8 forward: experts" in out
