@@ -345,6 +345,7 @@ def experts_replaced(
     ``make(name, original)`` instead; calls nested in it (``forward`` -> ``forward_rows``) are left alone."""
     experts = layer.experts
     depth = [0]
+    before = {name: vars(experts)[name] for name in _EXPERT_ENTRIES if name in vars(experts)}
 
     def wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         replacement = make(name, original)
@@ -360,13 +361,16 @@ def experts_replaced(
 
         return call
 
-    for name in _EXPERT_ENTRIES:
-        setattr(experts, name, wrap(name, getattr(experts, name)))
     try:
+        for name in _EXPERT_ENTRIES:
+            setattr(experts, name, wrap(name, getattr(experts, name)))
         yield
     finally:
-        for name in _EXPERT_ENTRIES:
-            delattr(experts, name)  # the class's method again
+        for name in _EXPERT_ENTRIES:  # what the instance held before: the class's method, or an earlier patch
+            if name in before:
+                setattr(experts, name, before[name])
+            elif name in vars(experts):
+                delattr(experts, name)
 
 
 def _identity_experts(layer: MoEMlp) -> Callable[[str, Callable[..., Any]], Callable[..., Any]]:
@@ -395,25 +399,29 @@ def experts_alone(
         layer(x)
     name, args, kw = seen[0]
     method = getattr(layer.experts, name)
-    inp = args[0].detach()
+    inp, rest = args[0].detach(), args[1:]  # (not args[0]: its graph would be kept alive)
+    # Front-packed rows past offsets[-1] are never computed (arbitrary values): return the computed ones.
+    n = int(rest[0][-1]) if name == "forward_grouped_rows" else inp.shape[0]
+    seen.clear()  # (drop the captured args: args[0] holds its graph)
+    del args
     if not train:
 
         def infer() -> Any:
             layer.eval()
             with torch.inference_mode(), autocast():
-                return method(inp, *args[1:], **kw)
+                return method(inp, *rest, **kw)[:n]
 
         return infer
     leaf = inp.clone().requires_grad_(True)
     with autocast():
-        g = torch.randn_like(method(leaf, *args[1:], **kw))
+        g = torch.randn_like(method(leaf, *rest, **kw))
 
     def step() -> Any:
         layer.train()
         with autocast():
-            out = method(leaf, *args[1:], **kw)
+            out = method(leaf, *rest, **kw)
         torch.autograd.grad(out, [leaf, *layer.experts.parameters()], g.to(out.dtype))
-        return out
+        return out[:n]
 
     return step
 
@@ -498,19 +506,21 @@ def build_variants(
         variants[f"{name}_fwd"] = fwd_step(lay, moe_call(lay), x)
     variants["loop_fwd"] = fwd_step(loop_layer, lambda t: loop_forward(loop_layer, t), x)
     if breakdown:
-        parts = make_layer(s).to(device)
-        parts.load_state_dict(layers["vmoe"].state_dict())
-        identity = _identity_experts(parts)
-
-        def routing_only(inp: torch.Tensor) -> Any:
-            with experts_replaced(parts, identity):
-                return moe_call(parts)(inp)
-
         try:  # informative rows: a failure here leaves them out, not the run
-            variants["vmoe_experts"] = experts_alone(parts, x_req, True, autocast)
-            variants["vmoe_routing"] = train_step(parts, routing_only, x_req, gy)
-            variants["vmoe_experts_fwd"] = experts_alone(parts, x, False, autocast)
-            variants["vmoe_routing_fwd"] = fwd_step(parts, routing_only, x)
+            # Its own random state: the peers built below get the same weights as in a run without it.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                parts = make_layer(s).to(device)
+                parts.load_state_dict(layers["vmoe"].state_dict())
+                identity = _identity_experts(parts)
+
+                def routing_only(inp: torch.Tensor) -> Any:
+                    with experts_replaced(parts, identity):
+                        return moe_call(parts)(inp)
+
+                variants["vmoe_experts"] = experts_alone(parts, x_req, True, autocast)
+                variants["vmoe_experts_fwd"] = experts_alone(parts, x, False, autocast)
+                variants["vmoe_routing"] = train_step(parts, routing_only, x_req, gy)
+                variants["vmoe_routing_fwd"] = fwd_step(parts, routing_only, x)
         except Exception as exc:
             print(f"E={s.num_experts} breakdown rows left out: {exc!r}", file=sys.stderr, flush=True)
             for name in ("vmoe_experts", "vmoe_routing", "vmoe_experts_fwd", "vmoe_routing_fwd"):

@@ -204,10 +204,11 @@ def test_breakdown_identity_experts_leave_router_dispatch_and_combine(impl):
 
 @pytest.mark.filterwarnings("ignore:capacity rounding")
 @pytest.mark.parametrize("train", [True, False], ids=["train", "inference"])
-@pytest.mark.parametrize("impl", ["auto", "bmm", "bmm_ones", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["auto", "bmm", "bmm_ones", "loop", "grouped_mm"])
 def test_breakdown_experts_alone_replays_the_layers_own_expert_call(impl, train):
     # vmoe_experts: the experts' call the layer made (its rows, counts and slabs), replayed alone, gives
-    # the same rows as in the layer; in training it also yields every experts gradient.
+    # the same rows as in the layer; in training it also computes every experts gradient (not into .grad).
+    # "loop" enters through Experts.forward, which calls forward_rows: only the outer call is replaced.
     import contextlib
 
     import torch
@@ -233,13 +234,43 @@ def test_breakdown_experts_alone_replays_the_layers_own_expert_call(impl, train)
     layer.train(train)
     with ml.experts_replaced(layer, keep), contextlib.nullcontext() if train else torch.inference_mode():
         layer(x)
+    assert len(outs) == 1  # one outermost call, whichever entry point
     torch.manual_seed(0)  # the same router noise in the capture below
     step = ml.experts_alone(layer, x.requires_grad_(train), train, contextlib.nullcontext)
-    grads_before = [p.grad for p in layer.experts.parameters()]
+    got: list[str] = []
+    for name, p in layer.experts.named_parameters():
+        p.register_hook(lambda g, name=name: got.append(name))  # fires when its gradient is computed
     out = step()
     n = filled[0]
-    torch.testing.assert_close(out.detach().float()[:n], outs[0].float()[:n], rtol=1e-6, atol=1e-6)
-    assert all(g is None for g in grads_before)  # autograd.grad: nothing accumulated in .grad
+    assert out.shape[0] == n  # (front-packed: only the computed rows)
+    torch.testing.assert_close(out.detach().float(), outs[0].float()[:n], rtol=1e-6, atol=1e-6)
+    assert sorted(got) == (sorted(n for n, _ in layer.experts.named_parameters()) if train else [])
+    assert all(p.grad is None for p in layer.experts.parameters())  # autograd.grad: nothing in .grad
+
+
+def test_experts_replaced_nests_and_restores_what_was_there():
+    import torch
+
+    ml = _bench_module("moe_layer")
+    s = ml.Shapes(batch=12, tokens=17, dim=32, hidden=64, num_experts=4)
+    layer = ml.make_layer(s, impl="packed").eval()
+    x = torch.randn(12, 17, 32)
+    want = layer(x)[0]
+    earlier = layer.experts.forward_rows  # a patch someone made before: kept afterwards
+    layer.experts.forward_rows = lambda *a, **k: earlier(*a, **k)
+    patched = vars(layer.experts)["forward_rows"]
+    with ml.experts_replaced(layer, ml._identity_experts(layer)):
+        with ml.experts_replaced(layer, lambda name, original: original):
+            inner = layer(x)[0]
+        outer = layer(x)[0]
+    torch.testing.assert_close(inner, outer)  # the inner block passes through to the identity
+    assert not torch.allclose(outer, want)
+    assert vars(layer.experts)["forward_rows"] is patched
+    assert not any(n in vars(layer.experts) for n in ml._EXPERT_ENTRIES if n != "forward_rows")
+    with pytest.raises(RuntimeError, match="boom"), ml.experts_replaced(layer, ml._identity_experts(layer)):
+        raise RuntimeError("boom")
+    assert vars(layer.experts)["forward_rows"] is patched
+    torch.testing.assert_close(layer(x)[0], want)
 
 
 def test_moe_layer_breakdown_rows_and_summary(capsys):

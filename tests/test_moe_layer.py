@@ -1180,3 +1180,26 @@ def test_row_dots_chunked_float32_for_half_precision():
     got = _row_dots(a, b, chunk=300)  # 4 chunks, the last one partial
     assert got.dtype == torch.float32 and torch.equal(got, want)
     torch.testing.assert_close(_row_dots(a.double(), b.double()), want.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_packed_experts_backward_takes_saved_rows_in_any_layout():
+    # _GroupedMlp views its rows by strides; a saved-tensor hook may hand x back with other strides
+    # (here column-major): the gradients must not change.
+    from vmoe.moe import expert_slabs
+
+    torch.manual_seed(0)
+    ex = Experts(4, 8, 16, init="independent").double()
+    counts = [3, 5, 0, 4]
+    x = torch.randn(sum(counts), 8, dtype=torch.float64, requires_grad=True)
+    slabs = expert_slabs(counts, 2)
+
+    def grads() -> tuple[torch.Tensor, ...]:
+        y = ex.forward_rows(x, counts, None, slabs)
+        return torch.autograd.grad(y.square().sum(), [x, *ex.parameters()])
+
+    want = grads()
+    relayout = (lambda t: t, lambda t: t.t().contiguous().t() if t.dim() == 2 else t)
+    with torch.autograd.graph.saved_tensors_hooks(*relayout):
+        got = grads()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -188,7 +188,8 @@ class _GroupedMlp(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w1, w2, *saved = ctx.saved_tensors
         E = w1.shape[0]
-        g = g.contiguous()
+        # _rows views both by their strides (and a saved-tensor hook may hand x back laid out otherwise).
+        x, g = x.contiguous(), g.contiguous()
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         gx = torch.empty_like(x) if need_x else None
         gw1 = torch.empty_like(w1) if need_w1 else None
