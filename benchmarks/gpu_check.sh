@@ -23,6 +23,9 @@
 #      stock ops they replace, GB/s against a plain copy (<= 30 s): $OUT/fused_kernels.{json,txt}; then
 #      (<= 90 s) dropless routing at E=32, auto's packed rows (a host sync per layer) vs grouped_mm's
 #      front-packed ones (none): $OUT/moe_layer_dropless.{json,txt}.
+#   6. benchmarks/gpu_summary.py: issue 6's goals against these results, as Markdown tables (a second or so):
+#      $OUT/summary.{md,json}; it is also the end of the printed output. ($OUT/env.txt and gpu_tests.txt keep
+#      steps 1 and 2.)
 # Worst case 5 + 120 + 110 + 140 s = 6 min 15 s, step 5 fills up to 6 min 20 s (the Tutel build overlaps steps
 # 2-3). Exit status: non-zero if any of steps 1-4 fails.
 set -uo pipefail
@@ -66,7 +69,7 @@ else  # the script's own dry run: tiny shapes on the CPU
     FUSED_ARGS=(--device cpu --small)
 fi
 
-VMOE_CHECK_DEVICE="$DEVICE" "$PY" - <<'PYEOF' || exit 1
+VMOE_CHECK_DEVICE="$DEVICE" "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/env.txt"
 import os, torch
 print("torch", torch.__version__, "| cuda", torch.version.cuda, "| available", torch.cuda.is_available(),
       "| torch._grouped_mm present:", hasattr(torch, "_grouped_mm"))
@@ -74,11 +77,13 @@ if os.environ["VMOE_CHECK_DEVICE"] == "cuda":
     assert torch.cuda.is_available(), "no CUDA device"
     print("gpu", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
 PYEOF
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 
 if "$PY" -c "import pytest, hypothesis" 2>/dev/null; then
     echo "== CUDA unit tests (-m gpu)"
-    timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_moe_layer.py tests/test_fused.py
-    rc=$?
+    timeout 120 "$PY" -m pytest -o addopts= -q -p no:cacheprovider -m gpu tests/test_moe_layer.py tests/test_fused.py 2>&1 \
+        | tee "$OUT/gpu_tests.txt"
+    rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || status=1  # 5: none collected (not on a GPU)
 else
     echo "== pytest/hypothesis not importable: unit tests skipped (the benchmark's own check still runs)"
@@ -126,5 +131,8 @@ if [ "$left" -ge 25 ]; then
 else
     echo "== dropless run skipped: ${left} s left of the 6 min 20 s"
 fi
+# 6. The goals against what was measured, as Markdown (reads the files above; never changes the status).
+echo "== summary (benchmarks/gpu_summary.py; also $OUT/summary.md)"
+"$PY" benchmarks/gpu_summary.py "$OUT" --json "$OUT/summary.json" 2>&1 | tee "$OUT/summary.md" || true
 echo "== done (status $status); results in $OUT"
 exit $status

@@ -59,6 +59,15 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path, fused):
         "vmoe_routing_fwd",
     } <= names
     assert "breakdown E=8 fwd+bwd: experts" in (tmp_path / "moe_layer.txt").read_text()
+    # Step 6: the goals table, from the files above; steps 1 and 2 keep their output too.
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## GPU check summary: cpu" in summary and "### Where the layer's time goes" in summary
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("== done (status 0)")
+    assert json.loads((tmp_path / "summary.json").read_text())["exactness"] is True
+    assert "torch" in (tmp_path / "env.txt").read_text()
+    # The -m gpu tests (skipped here), with pytest's summary line.
+    assert "skipped" in (tmp_path / "gpu_tests.txt").read_text()
+    assert "CUDA unit tests (`-m gpu`): " in summary and "skipped" in summary
     want = "on (Triton)" if fused else "off (stock ops: no CUDA or no Triton)"
     assert layer["config"]["fused_kernels"] == want
     train_rows = [r for r in layer["results"] if not r["name"].endswith("_fwd")]
@@ -285,3 +294,65 @@ def test_moe_layer_breakdown_rows_and_summary(capsys):
     assert report["config"]["breakdown"] is True
     out = capsys.readouterr().out
     assert "breakdown E=8 fwd+bwd: experts" in out and "breakdown E=8 forward: experts" in out
+
+
+def _gpu_out(tmp_path, layer_rows, checks, train_rows, mem=True):
+    """A made-up OUT folder of gpu_check.sh: (E, name, ratio, peak memory ratio) rows."""
+    results = [
+        {"name": n, "num_experts": E, "ratio_to_floor": r, **({"mem_ratio_to_floor": m} if mem else {})}
+        for E, n, r, m in layer_rows
+    ]
+    cfg = {
+        "gpu": "NVIDIA H200",
+        "torch": "2.11.0",
+        "date": "today",
+        "checks": checks,
+        "dtype": "bf16 autocast",
+    }
+    (tmp_path / "moe_layer.json").write_text(
+        json.dumps({"device": "cuda", "config": cfg, "results": results})
+    )
+    train = {"config": {"reference": "timm_vit_base_patch16_224"}, "results": train_rows}
+    (tmp_path / "train_throughput.json").write_text(json.dumps(train))
+    (tmp_path / "gpu_tests.txt").write_text("....\n14 passed in 80.1s\n")
+    return tmp_path
+
+
+def test_gpu_summary_goals_met_and_missed(tmp_path):
+    summarize = _bench_module("gpu_summary").summarize
+    rows = []
+    for E in (8, 32):
+        rows += [(E, "floor", 1.0, 1.0), (E, "vmoe", 1.10, 1.2), (E, "vmoe_fwd", 1.05, None)]
+        rows += [(E, "loop", 1.8, 1.9), (E, "fairscale", 40.0, 6.0), (E, "vmoe_einsum", 2.5, 2.4)]
+        rows += [
+            (E, "vmoe_experts", 0.95, 1.0),
+            (E, "vmoe_routing", 0.14, 0.2),
+            (E, "vmoe_grouped_mm", 1.05, 1.1),
+        ]
+    checks = {"E8": {"max_rel_err": 4e-3}, "E32_loop": {"max_rel_err": 5e-3}}
+    train = [
+        {"name": "vit_b16", "images_per_s": 1000.0, "efficiency_vs_dense": 1.0},
+        {"name": "vmoe_b16_e8", "images_per_s": 900.0, "efficiency_vs_dense": 0.9},
+        {"name": "vmoe_b16_e32", "images_per_s": 880.0, "efficiency_vs_dense": 0.88},
+        {"name": "vmoe_b16_e8[loop]", "images_per_s": 500.0, "efficiency_vs_dense": 0.5},  # not a goal row
+    ]
+    text, v = summarize(_gpu_out(tmp_path, rows, checks, train))
+    assert v == {"exactness": True, "layer": True, "memory": True, "peers": True, "end_to_end": True}
+    assert "14 passed in 80.1s" in text and "| 32 | fwd+bwd | 0.950 | 0.140 | 1.090 | 1.100 |" in text
+    assert "| 8 | vmoe_grouped_mm | 1.050 | - | 1.100 |" in text
+
+    # One E over the goal, a peer ahead of us, a check over 1e-2, an efficiency below 0.85: each is NOT met.
+    rows = [r if (r[0], r[1]) != (32, "vmoe") else (32, "vmoe", 1.3, 1.2) for r in rows]
+    rows.append((32, "tutel", 1.2, 1.5))
+    checks["E32"] = {"max_rel_err": 0.02}
+    train[2]["efficiency_vs_dense"] = 0.8
+    text, v = summarize(_gpu_out(tmp_path, rows, checks, train))
+    assert v == {"exactness": False, "layer": False, "memory": True, "peers": False, "end_to_end": False}
+    assert "| 32 | 1.300 | NOT met |" in text
+
+    # No peak memory recorded (a CPU run) and no train file: missing, never met.
+    (tmp_path / "train_throughput.json").unlink()
+    _gpu_out(tmp_path, rows, checks, train, mem=False)
+    (tmp_path / "train_throughput.json").unlink()
+    _, v = summarize(tmp_path)
+    assert v["memory"] is None and v["end_to_end"] is None
