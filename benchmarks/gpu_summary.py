@@ -104,7 +104,7 @@ def summarize(out_dir: Path) -> tuple[str, dict[str, Any]]:
         for E, named in sorted(rows.items()):
             v = named.get("vmoe", {})
             ratio, mem = v.get("ratio_to_floor"), v.get("mem_ratio_to_floor")
-            layer_ok.append(ratio is not None and ratio <= LAYER_GOAL)
+            layer_ok.append(None if ratio is None else ratio <= LAYER_GOAL)
             mem_ok.append(None if mem is None else mem <= MEMORY_GOAL)
             e_errs = [
                 c.get("max_rel_err") for k, c in checks.items() if k == f"E{E}" or k.startswith(f"E{E}_")
@@ -113,7 +113,7 @@ def summarize(out_dir: Path) -> tuple[str, dict[str, Any]]:
             fwd = named.get("vmoe_fwd", {}).get("ratio_to_floor")
             body.append([E, ratio, _verdict(layer_ok[-1]), fwd, mem, _verdict(mem_ok[-1]), worst])
         md += _table(head, body)
-        verdict["layer"] = bool(layer_ok) and all(layer_ok)
+        verdict["layer"] = None if not layer_ok or None in layer_ok else all(layer_ok)
         verdict["memory"] = None if not mem_ok or None in mem_ok else all(mem_ok)
         md.append("")
         md.append(

@@ -669,11 +669,11 @@ def print_breakdown(rows: list[dict[str, Any]]) -> None:
     """One line per mode: the experts' and the rest's shares of the floor next to the whole layer's."""
     ratio = {r["name"]: r["ratio_to_floor"] for r in rows}
     for suffix, mode in (("", "fwd+bwd"), ("_fwd", "forward")):
-        parts = [ratio.get(f"vmoe_{n}{suffix}") for n in ("experts", "routing", "")]
-        parts[2] = ratio.get(f"vmoe{suffix}")
-        if None in parts:
+        experts, routing, whole = (
+            ratio.get(f"{n}{suffix}") for n in ("vmoe_experts", "vmoe_routing", "vmoe")
+        )
+        if experts is None or routing is None or whole is None:
             continue
-        experts, routing, whole = parts
         print(
             f"breakdown E={rows[0]['num_experts']} {mode}: experts {experts:.3f} + router/losses/dispatch/combine "
             f"{routing:.3f} = {experts + routing:.3f} of the floor; the whole layer {whole:.3f}"

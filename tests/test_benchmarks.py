@@ -356,3 +356,7 @@ def test_gpu_summary_goals_met_and_missed(tmp_path):
     (tmp_path / "train_throughput.json").unlink()
     _, v = summarize(tmp_path)
     assert v["memory"] is None and v["end_to_end"] is None
+    # No vmoe row at all (its timing failed): the layer goal is missing, not met nor failed.
+    _gpu_out(tmp_path, [r for r in rows if r[1] != "vmoe"], checks, train)
+    _, v = summarize(tmp_path)
+    assert v["layer"] is None and v["peers"] is False
